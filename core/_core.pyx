@@ -1,0 +1,3 @@
+# placeholder until the loop lands
+def proxy(*args, **kwargs):
+    raise NotImplementedError

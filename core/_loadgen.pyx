@@ -1,0 +1,3 @@
+# placeholder until the load generator lands
+def send_burst(*args, **kwargs):
+    raise NotImplementedError

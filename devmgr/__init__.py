@@ -1,0 +1,110 @@
+"""devmgr: a supervised multi-device process manager for ZeroMQ devices.
+
+The public names below are imported lazily (PEP 562), so that `devmgr status` does not
+pay for pydantic or the manager when it only sends one request.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from devmgr._errors import (
+    ConfigError,
+    ControlError,
+    DeviceStartError,
+    DevmgrError,
+    ManagerUnreachable,
+)
+from devmgr._version import __version__
+
+try:
+    from devmgr import _core  # noqa: F401  (fail early, and say how to build)
+except ImportError as exc:  # pragma: no cover - exercised only in an unbuilt checkout
+    raise ImportError(
+        "devmgr's native core (devmgr._core) is not built or cannot load "
+        f"({exc}). Build it with `pip install -e .` (or `pip install .`) from the "
+        "project folder; gcc and the Python headers are needed."
+    ) from exc
+
+if TYPE_CHECKING:
+    from devmgr._client import Client
+    from devmgr._config import load_config
+    from devmgr._devices import (
+        Device,
+        MonitoredQueue,
+        ProcessDevice,
+        ProcessMonitoredQueue,
+        ThreadDevice,
+        ThreadMonitoredQueue,
+        monitored_queue,
+    )
+    from devmgr._manager import Manager
+    from devmgr._spec import (
+        CurveSpec,
+        DeviceSpec,
+        HealthSpec,
+        ManagerConfig,
+        ManagerSettings,
+        RestartSpec,
+        SocketSpec,
+    )
+
+_LAZY: dict[str, str] = {
+    "monitored_queue": "devmgr._devices",
+    "MonitoredQueue": "devmgr._devices",
+    "ThreadMonitoredQueue": "devmgr._devices",
+    "ProcessMonitoredQueue": "devmgr._devices",
+    "Device": "devmgr._devices",
+    "ThreadDevice": "devmgr._devices",
+    "ProcessDevice": "devmgr._devices",
+    "DeviceSpec": "devmgr._spec",
+    "SocketSpec": "devmgr._spec",
+    "RestartSpec": "devmgr._spec",
+    "HealthSpec": "devmgr._spec",
+    "CurveSpec": "devmgr._spec",
+    "ManagerSettings": "devmgr._spec",
+    "ManagerConfig": "devmgr._spec",
+    "load_config": "devmgr._config",
+    "Manager": "devmgr._manager",
+    "Client": "devmgr._client",
+}
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "ControlError",
+    "CurveSpec",
+    "Device",
+    "DeviceSpec",
+    "DeviceStartError",
+    "DevmgrError",
+    "HealthSpec",
+    "Manager",
+    "ManagerConfig",
+    "ManagerSettings",
+    "ManagerUnreachable",
+    "MonitoredQueue",
+    "ProcessDevice",
+    "ProcessMonitoredQueue",
+    "RestartSpec",
+    "SocketSpec",
+    "ThreadDevice",
+    "ThreadMonitoredQueue",
+    "__version__",
+    "load_config",
+    "monitored_queue",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devmgr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

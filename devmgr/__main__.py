@@ -1,0 +1,3 @@
+from devmgr._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The `devmgr` command: argument parsing and dispatch only.
+
+argparse (stdlib) rather than click or typer: `devmgr status` must start fast, and the
+parser is a few milliseconds to import. Each subcommand's work lives in the module that
+owns it and is imported only when that subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Exit statuses (CONTRACT 6).
+EXIT_OK = 0
+EXIT_ERROR_REPLY = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+# subcommand -> "module:function"; the function takes the parsed args and returns an int.
+_HANDLERS: dict[str, str] = {
+    "start": "devmgr._run:start_main",
+    "validate": "devmgr._config:validate_main",
+    "bench": "devmgr._bench:main",
+    "keygen": "devmgr._ctl:keygen_main",
+    "status": "devmgr._ctl:status_main",
+    "restart": "devmgr._ctl:names_main",
+    "stop": "devmgr._ctl:names_main",
+    "pause": "devmgr._ctl:name_main",
+    "resume": "devmgr._ctl:name_main",
+    "stats": "devmgr._ctl:name_main",
+    "add": "devmgr._ctl:add_main",
+    "remove": "devmgr._ctl:name_main",
+    "reload": "devmgr._ctl:simple_main",
+    "shutdown": "devmgr._ctl:simple_main",
+    "ping": "devmgr._ctl:simple_main",
+    "version": "devmgr._ctl:simple_main",
+    "tap": "devmgr._ctl:tap_main",
+    "events": "devmgr._ctl:events_main",
+}
+
+
+def _config_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (else $DEVMGR_CONFIG, else ./devmgr.toml, else the embedded default)",
+    )
+
+
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    _config_opt(p)
+    p.add_argument(
+        "-e",
+        "--endpoint",
+        help="manager control endpoint (else that of -c's config, else $DEVMGR_ENDPOINT, "
+        "else that of the config found as for `start`)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)"
+    )
+    p.add_argument("--curve-client", metavar="CERT", help="client secret certificate file")
+    p.add_argument("--curve-server", metavar="CERT", help="manager public certificate file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser for every devmgr subcommand (CONTRACT 6)."""
+    parser = argparse.ArgumentParser(
+        prog="devmgr", description="Supervise ZeroMQ devices (queues, forwarders, streamers)."
+    )
+    parser.add_argument("--version", action="store_true", help="print devmgr's version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "start",
+        help="run the manager in the foreground, or start stopped devices on a running one",
+    )
+    _client_opts(p)
+    p.add_argument("names", nargs="*", metavar="NAME", help="devices to start (client mode)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    p = sub.add_parser("status", help="table (or JSON) of the devices")
+    _client_opts(p)
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the status result as JSON")
+
+    for name, what in (("restart", "restart devices"), ("stop", "stop devices")):
+        p = sub.add_parser(name, help=what)
+        _client_opts(p)
+        p.add_argument("names", nargs="*", metavar="NAME")
+        p.add_argument("--all", action="store_true", help="every device")
+
+    for name, what in (
+        ("pause", "stop reading a device's input"),
+        ("resume", "resume a paused device"),
+        ("stats", "a device's message and byte counters"),
+        ("remove", "stop a device and forget it"),
+    ):
+        p = sub.add_parser(name, help=what)
+        _client_opts(p)
+        p.add_argument("name", metavar="NAME")
+        if name == "stats":
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("add", help="add the devices of FILE ([devices.NAME] tables)")
+    _client_opts(p)
+    p.add_argument("file", metavar="FILE")
+
+    for name, what in (
+        ("reload", "re-read the manager's config file and apply the difference"),
+        ("shutdown", "stop every device, then the manager"),
+        ("ping", "check that the manager answers"),
+        ("version", "the manager's version and protocol"),
+    ):
+        p = sub.add_parser(name, help=what)
+        _client_opts(p)
+
+    p = sub.add_parser("tap", help="print what passes through a device's monitor socket")
+    _client_opts(p)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    p = sub.add_parser("events", help="print lifecycle events as they happen")
+    _client_opts(p)
+    p.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON of each event")
+
+    p = sub.add_parser("validate", help="check a config, print the problems")
+    _config_opt(p)
+
+    p = sub.add_parser("keygen", help="write a CURVE certificate pair (as zmq.auth does)")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--name", default="devmgr", help="base name of the certificate files")
+
+    p = sub.add_parser("bench", help="throughput of devmgr's loop beside libzmq's proxy")
+    p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes")
+    p.add_argument("--count", type=int, default=500_000, help="messages per run")
+    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
+    p.add_argument("--repeat", type=int, default=5, help="runs per contender (alternating)")
+    p.add_argument(
+        "--contenders",
+        default="devmgr,zmq_proxy,pyzmq_monitored_queue",
+        help="comma-separated list of contenders",
+    )
+    p.add_argument("--json", action="store_true")
+    _config_opt(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the devmgr command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from devmgr._version import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    target = _HANDLERS[args.command]
+    module_name, func_name = target.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,56 @@
+"""Exceptions raised by devmgr; all derive from DevmgrError.
+
+Kept free of pydantic and zmq so that the client and the CLI can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class DevmgrError(Exception):
+    """Base class of every error devmgr raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where it is and what would be right."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ConfigError(DevmgrError):
+    """A config (file, device table or spec) is invalid; `problems` lists each place."""
+
+    def __init__(self, problems: Iterable[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ControlError(DevmgrError):
+    """The manager answered a control request with an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class ManagerUnreachable(DevmgrError):
+    """No manager answered within the timeout."""
+
+
+class DeviceStartError(DevmgrError):
+    """A device child could not bind, connect or configure a socket."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None, errno: int | None = None):
+        self.endpoint = endpoint
+        self.errno = errno
+        super().__init__(message)

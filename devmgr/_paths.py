@@ -1,0 +1,48 @@
+"""Where devmgr keeps its runtime files (control and events sockets, device control).
+
+Kept free of pydantic and zmq: the client resolves the default endpoint from here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    """Return the per-user runtime folder: $XDG_RUNTIME_DIR/devmgr, else /tmp/devmgr-$UID."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "devmgr"
+    return Path(f"/tmp/devmgr-{os.getuid()}")
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) if missing and refuse one that others can write to.
+
+    Raises:
+        PermissionError: the folder exists but belongs to another user or is writable by
+            others, so a socket in it could be hijacked.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def default_control_endpoint() -> str:
+    return f"ipc://{runtime_dir() / 'control'}"
+
+
+def default_events_endpoint() -> str:
+    return f"ipc://{runtime_dir() / 'events'}"
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    """Return the filesystem path of an ipc:// endpoint, else None."""
+    if endpoint.startswith("ipc://"):
+        return Path(endpoint[len("ipc://") :])
+    return None
