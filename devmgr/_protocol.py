@@ -1,0 +1,228 @@
+"""The control protocol and lifecycle events as typed pydantic models (CONTRACT 4, 5).
+
+Requests are parsed through these models; one explicit table, COMMANDS, maps each command
+name to the model of its `args`. Replies and events are described here too (and generated
+into schemas/); the manager builds them as plain dicts on its hot path and the tests check
+them against these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_BYTES = 1 << 20
+
+ErrorCode = Literal[
+    "bad_request",
+    "unknown_command",
+    "unknown_device",
+    "invalid_spec",
+    "conflict",
+    "too_large",
+    "internal",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Request(BaseModel):
+    """One control request: a single UTF-8 JSON frame."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1]
+    id: Any = None
+    cmd: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- args of each command ----------------------------------------------------------
+
+
+class NoArgs(_Strict):
+    """A command that takes no arguments."""
+
+
+class StatusArgs(_Strict):
+    names: list[str] | None = None
+
+
+class NamesArgs(_Strict):
+    names: list[str] = Field(min_length=1)
+
+
+class NameArgs(_Strict):
+    name: str
+
+
+class AddArgs(_Strict):
+    spec: dict[str, Any]
+
+
+COMMANDS: dict[str, type[_Strict]] = {
+    "ping": NoArgs,
+    "version": NoArgs,
+    "status": StatusArgs,
+    "start": NamesArgs,
+    "stop": NamesArgs,
+    "restart": NamesArgs,
+    "pause": NameArgs,
+    "resume": NameArgs,
+    "stats": NameArgs,
+    "add": AddArgs,
+    "remove": NameArgs,
+    "reload": NoArgs,
+    "shutdown": NoArgs,
+}
+
+# ---- results -------------------------------------------------------------------------
+
+DeviceState = Literal["starting", "running", "paused", "backoff", "stopping", "stopped", "fatal"]
+ExitReason = Literal["exited", "killed", "memory", "unresponsive", "start_failed", "stopped"]
+
+
+class LastExit(_Strict):
+    code: int | None
+    signal: int | None
+    reason: ExitReason
+    at: float
+
+
+class Stats(_Strict):
+    in_msgs_received: int
+    in_bytes_received: int
+    in_msgs_sent: int
+    in_bytes_sent: int
+    out_msgs_received: int
+    out_bytes_received: int
+    out_msgs_sent: int
+    out_bytes_sent: int
+
+
+class SideEndpoints(_Strict):
+    bind: list[str]
+    connect: list[str]
+
+
+class Endpoints(_Strict):
+    in_: SideEndpoints = Field(alias="in")
+    out: SideEndpoints
+    mon: SideEndpoints | None
+
+
+class DeviceStatus(_Strict):
+    name: str
+    kind: str
+    state: DeviceState
+    pid: int | None
+    uptime_s: float | None
+    restarts: int
+    last_exit: LastExit | None
+    cpu_percent: float | None
+    rss_bytes: int | None
+    num_fds: int | None
+    msgs_in: int
+    msgs_out: int
+    bytes_in: int
+    bytes_out: int
+    stats: Stats
+    endpoints: Endpoints
+    autostart: bool
+    message: str | None = None
+
+
+class ManagerStatus(_Strict):
+    pid: int
+    uptime_s: float
+    version: str
+    config: str | None
+    control: str
+    events: str
+
+
+class StatusResult(_Strict):
+    manager: ManagerStatus
+    devices: list[DeviceStatus]
+
+
+class VersionResult(_Strict):
+    version: str
+    protocol: Literal[1]
+
+
+class ReloadResult(_Strict):
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    unchanged: list[str]
+
+
+# ---- replies -------------------------------------------------------------------------
+
+
+class ErrorBody(_Strict):
+    code: ErrorCode
+    message: str
+
+
+class OkReply(_Strict):
+    v: Literal[1]
+    id: Any = None
+    ok: Literal[True]
+    result: Any = None
+
+
+class ErrorReply(_Strict):
+    v: Literal[1]
+    id: Any = None
+    ok: Literal[False]
+    error: ErrorBody
+
+
+# ---- events (PUB, two frames: topic, JSON) ------------------------------------------
+
+EventTopic = Literal[
+    "manager.started",
+    "manager.stopping",
+    "device.starting",
+    "device.running",
+    "device.exited",
+    "device.backoff",
+    "device.fatal",
+    "device.unhealthy",
+    "device.stopped",
+]
+
+
+class Event(BaseModel):
+    """A lifecycle event; details beyond the common fields depend on the topic."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    event: EventTopic
+    at: float
+    device: str | None = None
+    pid: int | None = None
+    code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    delay: float | None = None
+
+
+# schema file stem -> model; `python -m devmgr._schema` writes schemas/<stem>.schema.json
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "request": Request,
+    "reply-ok": OkReply,
+    "reply-error": ErrorReply,
+    "status-result": StatusResult,
+    "version-result": VersionResult,
+    "reload-result": ReloadResult,
+    "stats-result": Stats,
+    "event": Event,
+    **{f"args-{name}": model for name, model in COMMANDS.items()},
+}
