@@ -7,6 +7,7 @@ pay for pydantic or the manager when it only sends one request.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from devmgr._errors import (
@@ -18,14 +19,14 @@ from devmgr._errors import (
 )
 from devmgr._version import __version__
 
-try:
-    from devmgr import _core  # noqa: F401  (fail early, and say how to build)
-except ImportError as exc:  # pragma: no cover - exercised only in an unbuilt checkout
+# Checked without loading it: loading the core imports pyzmq, which `devmgr status`
+# should pay for only when it sends its request.
+if importlib.util.find_spec("devmgr._core") is None:  # pragma: no cover - unbuilt checkout
     raise ImportError(
-        "devmgr's native core (devmgr._core) is not built or cannot load "
-        f"({exc}). Build it with `pip install -e .` (or `pip install .`) from the "
-        "project folder; gcc and the Python headers are needed."
-    ) from exc
+        "devmgr's native core (devmgr._core) is not built. Build it with "
+        "`pip install -e .` (or `pip install .`) from the project folder, or "
+        "`python setup.py build_ext --inplace`; gcc and the Python headers are needed."
+    )
 
 if TYPE_CHECKING:
     from devmgr._client import Client
