@@ -1,0 +1,163 @@
+"""The body of one device child process: build the sockets of a plan, report, run the loop.
+
+Runs in a process forked by the manager's forkserver, which preloads this module so a
+start costs a fork rather than an interpreter start-up. It imports no pydantic: the
+manager hands over a `DevicePlan` of plain values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import zmq
+
+from devmgr import _core
+
+# Exit status of a child whose sockets could not be set up (sysexits' EX_CONFIG).
+EXIT_START_FAILED = 78
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class SocketPlan:
+    """One socket as the child builds it: type, options in order, endpoints."""
+
+    zmq_type: int
+    options: tuple[tuple[int, int | bytes], ...] = ()
+    bind: tuple[str, ...] = ()
+    connect: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What a child needs to run one device; built by the manager from a DeviceSpec."""
+
+    name: str
+    in_: SocketPlan
+    out: SocketPlan
+    mon: SocketPlan | None = None
+    in_prefix: bytes = b"in"
+    out_prefix: bytes = b"out"
+    drain_timeout: float = 1.0
+    linger_ms: int = 1000
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _die_with_parent(expected_parent: int) -> None:
+    """Ask the kernel for SIGTERM when our parent dies, then check it has not already.
+
+    The parent is the manager's forkserver, which exits as soon as the manager's end of
+    its pipe closes, however the manager died; SIGTERM lets the loop drain briefly.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if expected_parent and os.getppid() != expected_parent:
+        os._exit(0)  # the parent died between fork and prctl: nobody supervises us
+
+
+def _build(ctx: zmq.Context[zmq.Socket[bytes]], side: str, plan: SocketPlan) -> zmq.Socket[bytes]:
+    sock = ctx.socket(plan.zmq_type)
+    where = f"{side}.options"
+    try:
+        for opt, value in plan.options:
+            sock.setsockopt(opt, value)
+        if plan.zmq_type == zmq.SUB and not any(o == zmq.SUBSCRIBE for o, _ in plan.options):
+            sock.setsockopt(zmq.SUBSCRIBE, b"")  # a SUB device input forwards everything
+        for endpoint in plan.bind:
+            where = f"{side}.bind {endpoint}"
+            sock.bind(endpoint)
+        for endpoint in plan.connect:
+            where = f"{side}.connect {endpoint}"
+            sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise _StartFailure(where, exc) from exc
+    return sock
+
+
+class _StartFailure(Exception):
+    def __init__(self, where: str, exc: zmq.ZMQError) -> None:
+        self.where = where
+        self.errno = exc.errno
+        self.endpoint = where.split(" ", 1)[1] if " " in where else None
+        super().__init__(f"{where}: {exc.strerror}")
+
+
+def main(plan: DevicePlan, ctrl_endpoint: str, expected_parent: int) -> None:
+    """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
+    _die_with_parent(expected_parent)
+    # Ctrl-C in a terminal reaches the whole process group; the manager decides and
+    # drains us through the control socket, so the device ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal may land on one of libzmq's I/O threads and never interrupt zmq_poll in
+    # this one, so the loop watches Python's wakeup fd instead; the handler is a no-op
+    # that only keeps SIGTERM from killing us before the loop has drained.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctrl = ctx.socket(zmq.PAIR)
+    ctrl.setsockopt(zmq.LINGER, 1000)
+    ctrl.connect(ctrl_endpoint)
+    sockets: list[zmq.Socket[bytes]] = []
+    status = 0
+    try:
+        try:
+            ins = _build(ctx, "in", plan.in_)
+            sockets.append(ins)
+            outs = _build(ctx, "out", plan.out)
+            sockets.append(outs)
+            mons = _build(ctx, "mon", plan.mon) if plan.mon is not None else None
+            if mons is not None:
+                sockets.append(mons)
+        except _StartFailure as failure:
+            report = {
+                "where": failure.where,
+                "endpoint": failure.endpoint,
+                "errno": failure.errno,
+                "errname": errno_mod.errorcode.get(failure.errno or 0, ""),
+                "message": str(failure),
+            }
+            ctrl.send_multipart([b"FAILED", json.dumps(report).encode()])
+            status = EXIT_START_FAILED
+            return
+        ctrl.send(b"READY")
+        _core.proxy(
+            ins,
+            outs,
+            mons,
+            ctrl,
+            plan.in_prefix,
+            plan.out_prefix,
+            signal_fd=wake_r.fileno(),
+            drain_timeout=plan.drain_timeout,
+        )
+    except BaseException:
+        # the manager logs our stderr: a traceback here is the device's own last words
+        traceback.print_exc(file=sys.stderr)
+        status = 1
+    finally:
+        # Linger lets what the loop already handed to libzmq reach the peers.
+        for sock in sockets:
+            sock.close(linger=plan.linger_ms)
+        ctrl.close(linger=200)
+        ctx.term()
+        wake_r.close()
+        wake_w.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
