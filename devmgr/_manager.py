@@ -1,0 +1,540 @@
+"""`devmgr.Manager`: supervise the devices of a config from one event-loop thread.
+
+The public methods may be called from any thread; each hands its work to the loop
+thread and waits for the answer, so the supervision state is only ever touched by one
+thread. The control socket (devmgr._control) calls the same `op_*` methods from inside
+the loop, so the in-process API and the control protocol cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from devmgr._config import load_config, parse_config
+from devmgr._errors import ConfigError, ControlError, DevmgrError
+from devmgr._fleet import Device, Fleet
+from devmgr._loop import EventLoop
+from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir
+from devmgr._spec import DeviceSpec, ManagerConfig
+from devmgr._version import PROTOCOL_VERSION, __version__
+
+log = logging.getLogger("devmgr")
+
+Done = Callable[[Any, ControlError | None], None]
+
+
+def _gather(count: int, done: Done, result: Callable[[], Any]) -> Done:
+    """Return a callback that calls `done(result())` after `count` calls (first error wins)."""
+    remaining = count
+    errors: list[ControlError] = []
+
+    def one(_value: Any, error: ControlError | None) -> None:
+        nonlocal remaining
+        if error is not None:
+            errors.append(error)
+        remaining -= 1
+        if remaining == 0:
+            if errors:
+                code = errors[0].code
+                done(None, ControlError(code, "; ".join(e.message for e in errors)))
+            else:
+                done(result(), None)
+
+    if count == 0:
+        done(result(), None)
+    return one
+
+
+class Manager:
+    """Supervise ZeroMQ devices: start, watch, restart with backoff, and take commands.
+
+    Args:
+        config: a ManagerConfig, or the path of a TOML config file; None runs the
+            embedded default config.
+    """
+
+    def __init__(self, config: ManagerConfig | str | os.PathLike[str] | None = None) -> None:
+        if config is None:
+            from devmgr._config import default_config
+
+            config = default_config()
+        elif not isinstance(config, ManagerConfig):
+            config = load_config(config)
+        self.config: ManagerConfig = config
+        self._loop: EventLoop | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._fleet: Fleet | None = None
+        self._events: zmq.Socket[bytes] | None = None
+        self._control: Any = None
+        self._rundir: Path | None = None
+        self._started_at = 0.0
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._shutdown_requested = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._in_run = False
+        self._stopping_emitted = False
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> Manager:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Bind the control and events sockets and start every autostart device.
+
+        Returns once each autostart device is running or has failed its first start.
+
+        Raises:
+            DevmgrError: the control or events endpoint cannot be bound (in use, or
+                another manager answers there).
+        """
+        if self._thread is not None:
+            raise RuntimeError("this Manager was already started")
+        settings = self.config.manager
+        base = ensure_private_dir(runtime_dir())
+        self._rundir = ensure_private_dir(base / f"m{os.getpid()}.{id(self):x}")
+        self._ctx = zmq.Context()
+        self._loop = EventLoop()
+        try:
+            self._events = self._bind(zmq.PUB, settings.events)
+            from devmgr._control import ControlServer
+
+            ctrl_sock = self._bind(zmq.ROUTER, settings.control, curve=True)
+            self._control = ControlServer(self, ctrl_sock)
+        except BaseException:
+            self._teardown()
+            raise
+        self._fleet = Fleet(
+            self._loop,
+            self._ctx,
+            self._rundir,
+            self._emit,
+            health_interval=settings.health_interval,
+            stop_timeout=settings.stop_timeout,
+        )
+        self._started_at = time.time()
+        self._thread = threading.Thread(target=self._run_loop, name="devmgr-loop", daemon=True)
+        self._thread.start()
+
+        def setup(resolve: Callable[[Any], None], reject: Callable[[BaseException], None]) -> None:
+            assert self._fleet is not None and self._control is not None
+            self._loop.add_reader(self._control.socket, self._control.on_readable)  # type: ignore[union-attr]
+            self._fleet.prepare_forkserver()
+            for spec in self.config.devices.values():
+                self._fleet.add_device(spec)
+            autostart = [d for d in self._fleet.devices.values() if d.spec.autostart]
+            finish = _gather(len(autostart), lambda _r, _e: resolve(None), lambda: None)
+            self._emit("manager.started", pid=os.getpid(), control=settings.control)
+            for dev in autostart:
+                self._fleet.start(dev, finish)
+
+        self._call(setup)
+
+    def _bind(self, kind: int, endpoint: str, curve: bool = False) -> zmq.Socket[bytes]:
+        assert self._ctx is not None
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 1000)
+        path = ipc_path(endpoint)
+        if path is not None:
+            if not path.is_absolute():
+                raise DevmgrError(f"{endpoint}: ipc paths must be absolute")
+            if path.parent == runtime_dir():
+                ensure_private_dir(path.parent)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and _someone_listens(path):
+                sock.close(linger=0)
+                raise DevmgrError(
+                    f"{endpoint} is in use: another manager is running there "
+                    "(stop it first, or give this one another endpoint)"
+                )
+        if curve and self.config.manager.curve is not None:
+            from devmgr._security import enable_curve_server
+
+            enable_curve_server(self._ctx, sock, self.config.manager.curve)
+        if kind == zmq.ROUTER:
+            # Oversized requests are answered `too_large`; far larger ones are cut off
+            # by libzmq before they can cost the manager memory.
+            sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise DevmgrError(f"cannot bind {endpoint}: {exc.strerror}") from exc
+        if path is not None:
+            os.chmod(path, 0o600)
+        return sock
+
+    def _run_loop(self) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.run()
+        finally:
+            self._stopped.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every device in parallel (drain, then escalate), then the manager itself."""
+        with self._stop_lock:
+            if self._thread is None or self._loop is None:
+                return
+            if self._thread.is_alive():
+                if not self._stopping_emitted:
+                    self._emit_threadsafe("manager.stopping")
+                try:
+                    self._call(self._op_stop_all, timeout=timeout)
+                except TimeoutError:
+                    log.error("devices did not stop within %ss", timeout)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join()
+            self._teardown()
+            self._thread = None
+            self._shutdown_requested.set()
+
+    def _teardown(self) -> None:
+        if self._fleet is not None:
+            self._fleet.close()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._events is not None:
+            self._events.close(linger=100)
+            self._events = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._loop is not None:
+            self._loop.close()
+        for endpoint in (self.config.manager.control, self.config.manager.events):
+            path = ipc_path(endpoint)
+            if path is not None:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        if self._rundir is not None:
+            shutil.rmtree(self._rundir, ignore_errors=True)
+
+    def run(self) -> None:
+        """Run in the foreground until SIGTERM, SIGINT or a `shutdown` command."""
+        self._in_run = True
+        in_main = threading.current_thread() is threading.main_thread()
+        previous: dict[int, Any] = {}
+        if in_main:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(
+                    signum, lambda s, f: self._shutdown_requested.set()
+                )
+        try:
+            self.start()
+            while not self._shutdown_requested.wait(0.5):
+                if not self.running:
+                    break
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def request_shutdown(self) -> None:
+        """Ask run() to return (as SIGTERM does); stop() when not running in run()."""
+        self._shutdown_requested.set()
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., None], timeout: float | None = None) -> Any:
+        if self._loop is None or self._thread is None:
+            raise DevmgrError("the manager is not running (call start() first)")
+        return self._loop.run_sync(fn, timeout)
+
+    def _call_op(self, op: Callable[..., None], *args: Any) -> Any:
+        """Run a loop-side op from another thread; raise ControlError on an error reply."""
+
+        def fn(resolve: Callable[[Any], None], reject: Callable[[BaseException], None]) -> None:
+            def done(result: Any, error: ControlError | None) -> None:
+                if error is not None:
+                    reject(error)
+                else:
+                    resolve(result)
+
+            try:
+                op(*args, done)
+            except ControlError as exc:
+                reject(exc)
+
+        return self._call(fn)
+
+    def _emit(self, topic: str, **fields: Any) -> None:
+        event = {"event": topic, "at": round(time.time(), 6), **fields}
+        _log_event(event)
+        if self._events is not None:
+            try:
+                self._events.send_multipart(
+                    [topic.encode(), json.dumps(event).encode()], zmq.NOBLOCK
+                )
+            except zmq.ZMQError:
+                pass
+        if self.on_event is not None:
+            self.on_event(topic, event)
+
+    def _emit_threadsafe(self, topic: str, **fields: Any) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._emit(topic, **fields))
+
+    def _devices(self, names: list[str] | None) -> list[Device]:
+        assert self._fleet is not None
+        if names is None or names == ["*"] or "*" in names:
+            return list(self._fleet.devices.values())
+        unknown = [n for n in names if n not in self._fleet.devices]
+        if unknown:
+            raise ControlError("unknown_device", f"no device named {', '.join(map(repr, unknown))}")
+        return [self._fleet.devices[n] for n in dict.fromkeys(names)]
+
+    # ---- loop-side operations (also used by the control server) ------------------------
+
+    def status_dict(self, names: list[str] | None = None) -> dict[str, Any]:
+        assert self._fleet is not None
+        devices = self._devices(names)
+        settings = self.config.manager
+        return {
+            "manager": {
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self._started_at, 3),
+                "version": __version__,
+                "config": str(self.config.path) if self.config.path else None,
+                "control": settings.control,
+                "events": settings.events,
+            },
+            "devices": [self._fleet.status_of(d) for d in devices],
+        }
+
+    def version_dict(self) -> dict[str, Any]:
+        return {"version": __version__, "protocol": PROTOCOL_VERSION}
+
+    def op_names(self, verb: str, names: list[str], done: Done) -> None:
+        """start, stop or restart the named devices ("*" = all) in parallel."""
+        assert self._fleet is not None
+        devices = self._devices(names)
+        fleet = self._fleet
+        action = {"start": fleet.start, "stop": fleet.stop, "restart": fleet.restart}[verb]
+        finish = _gather(len(devices), done, lambda: [fleet.status_of(d) for d in devices])
+        for dev in devices:
+            action(dev, finish)
+
+    def op_device_command(self, command: str, name: str, done: Done) -> None:
+        """pause, resume or stats of one device."""
+        assert self._fleet is not None
+        dev = self._devices([name])[0]
+        if command == "stats":
+            if dev.proc is None or dev.awaiting_ready:
+                done(dict(dev.stats), None)
+                return
+            self._fleet.control(dev, b"STATISTICS", done)
+            return
+        wire = {"pause": b"PAUSE", "resume": b"RESUME"}[command]
+        fleet = self._fleet
+        self._fleet.control(
+            dev, wire, lambda _r, err: done(None if err else fleet.status_of(dev), err)
+        )
+
+    def op_add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
+        """Validate, start and keep a new device; nothing is kept if its first start fails."""
+        from devmgr._config import parse_device
+
+        assert self._fleet is not None
+        fleet = self._fleet
+        try:
+            spec = data if isinstance(data, DeviceSpec) else parse_device(data)
+        except ConfigError as exc:
+            raise ControlError("invalid_spec", str(exc)) from exc
+        if spec.name in fleet.devices:
+            raise ControlError("conflict", f"a device named {spec.name!r} exists already")
+        new_config = self._config_with({**self.config.devices, spec.name: spec})
+        dev = fleet.add_device(spec)
+
+        def started(_r: Any, error: ControlError | None) -> None:
+            if error is None:
+                self.config = new_config
+                done(fleet.status_of(dev), None)
+                return
+            fleet.remove(dev, lambda _r2, _e2: done(None, error))
+
+        fleet.start(dev, started)
+
+    def _config_with(self, devices: dict[str, DeviceSpec]) -> ManagerConfig:
+        """Re-check the whole config with a changed device set (duplicate endpoints...)."""
+        data = self.config.model_dump(mode="json", by_alias=True, exclude={"path"})
+        data["devices"] = {
+            n: {k: v for k, v in s.model_dump(mode="json", by_alias=True).items() if k != "name"}
+            for n, s in devices.items()
+        }
+        try:
+            return parse_config(data, path=self.config.path)
+        except ConfigError as exc:
+            duplicate = any("already" in p.message or "twice" in p.message for p in exc.problems)
+            raise ControlError("conflict" if duplicate else "invalid_spec", str(exc)) from exc
+
+    def op_remove(self, name: str, done: Done) -> None:
+        assert self._fleet is not None
+        dev = self._devices([name])[0]
+
+        def removed(_r: Any, error: ControlError | None) -> None:
+            devices = {n: s for n, s in self.config.devices.items() if n != name}
+            self.config = self.config.model_copy(update={"devices": devices})
+            done(None, error)
+
+        self._fleet.remove(dev, removed)
+
+    def op_reload(self, config: ManagerConfig | None, done: Done) -> None:
+        """Apply a new config device by device: only what changed is touched."""
+        assert self._fleet is not None
+        fleet = self._fleet
+        if config is None:
+            if self.config.path is None:
+                raise ControlError(
+                    "invalid_spec", "the manager runs the embedded default config: no file"
+                )
+            try:
+                config = load_config(self.config.path)
+            except ConfigError as exc:
+                raise ControlError("invalid_spec", str(exc)) from exc
+        old, new = self.config.devices, config.devices
+        added = [n for n in new if n not in old]
+        removed = [n for n in old if n not in new]
+        changed = [n for n in new if n in old and new[n] != old[n]]
+        unchanged = [n for n in new if n in old and new[n] == old[n]]
+        if config.manager != self.config.manager:
+            log.warning("reload: [manager] settings changed; they apply at the next start")
+        result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
+        self.config = config.model_copy(update={"manager": self.config.manager})
+
+        def start_phase(_r: Any, _e: ControlError | None) -> None:
+            to_start = []
+            for name in changed + added:
+                dev = fleet.add_device(new[name])
+                if new[name].autostart:
+                    to_start.append(dev)
+            finish = _gather(len(to_start), done, lambda: result)
+            for dev in to_start:
+                fleet.start(dev, finish)
+
+        # Stop what goes or changes first: a changed device may rebind the same endpoint.
+        to_stop = [fleet.devices[n] for n in removed + changed if n in fleet.devices]
+        stop_all = _gather(len(to_stop), start_phase, lambda: None)
+        for dev in to_stop:
+            fleet.remove(dev, stop_all)
+
+    def _op_stop_all(
+        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
+    ) -> None:
+        assert self._fleet is not None
+        devices = list(self._fleet.devices.values())
+        finish = _gather(len(devices), lambda _r, _e: resolve(None), lambda: None)
+        for dev in devices:
+            self._fleet.stop(dev, finish)
+
+    def op_shutdown(self, done: Done) -> None:
+        assert self._fleet is not None
+        self._emit("manager.stopping")
+        self._stopping_emitted = True
+
+        def stopped(_r: Any, _e: ControlError | None) -> None:
+            done(None, None)
+            self._shutdown_requested.set()
+            if not self._in_run:  # embedded: nobody waits in run(), so stop from a thread
+                threading.Thread(target=self.stop, name="devmgr-shutdown", daemon=True).start()
+
+        devices = list(self._fleet.devices.values())
+        finish = _gather(len(devices), stopped, lambda: None)
+        for dev in devices:
+            self._fleet.stop(dev, finish)
+
+    # ---- in-process API -----------------------------------------------------------------
+
+    def status(self, names: list[str] | None = None) -> dict[str, Any]:
+        """Return the same data as the control command `status`."""
+        return self._call_op(lambda done: done(self.status_dict(names), None))  # type: ignore[no-any-return]
+
+    def start_device(self, name: str) -> dict[str, Any]:
+        return self._call_op(self.op_names, "start", [name])[0]  # type: ignore[no-any-return]
+
+    def stop_device(self, name: str) -> dict[str, Any]:
+        return self._call_op(self.op_names, "stop", [name])[0]  # type: ignore[no-any-return]
+
+    def restart(self, name: str) -> dict[str, Any]:
+        return self._call_op(self.op_names, "restart", [name])[0]  # type: ignore[no-any-return]
+
+    def pause(self, name: str) -> dict[str, Any]:
+        return self._call_op(self.op_device_command, "pause", name)  # type: ignore[no-any-return]
+
+    def resume(self, name: str) -> dict[str, Any]:
+        return self._call_op(self.op_device_command, "resume", name)  # type: ignore[no-any-return]
+
+    def stats(self, name: str) -> dict[str, int]:
+        return self._call_op(self.op_device_command, "stats", name)  # type: ignore[no-any-return]
+
+    def add(self, spec: DeviceSpec | dict[str, Any]) -> dict[str, Any]:
+        return self._call_op(self.op_add, spec)  # type: ignore[no-any-return]
+
+    def remove(self, name: str) -> None:
+        self._call_op(self.op_remove, name)
+
+    def reload(self, config: ManagerConfig | None = None) -> dict[str, list[str]]:
+        """Apply `config` (default: re-read the config file) device by device."""
+        return self._call_op(self.op_reload, config)  # type: ignore[no-any-return]
+
+
+def _someone_listens(path: Path) -> bool:
+    """Return True when a process accepts connections on the unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    topic = event["event"]
+    device = event.get("device")
+    parts = []
+    for key in ("pid", "code", "signal", "reason", "delay"):
+        value = event.get(key)
+        if value is None:
+            continue
+        if key == "signal":
+            try:
+                value = f"{value} ({signal.Signals(value).name})"
+            except ValueError:
+                pass
+        if key == "delay":
+            value = f"{value}s"
+        parts.append(f"{key}={value}")
+    level = logging.WARNING if topic in ("device.exited", "device.unhealthy") else logging.INFO
+    if topic == "device.fatal":
+        level = logging.ERROR
+    what = f"{topic} {device}" if device else topic
+    log.log(level, "%s %s", what, " ".join(parts), extra={"event": event})

@@ -1,0 +1,78 @@
+"""`devmgr start`: run a manager in the foreground, or start devices on a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from devmgr._errors import ConfigError, DevmgrError
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class _TextFormatter(logging.Formatter):
+    """One readable line per record; no timestamp when journald adds its own."""
+
+    def __init__(self, timestamps: bool) -> None:
+        fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
+        super().__init__(fmt)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the lifecycle event's fields when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        event = getattr(record, "event", None)
+        if isinstance(event, dict):
+            entry.update({k: v for k, v in event.items() if k not in entry})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Configure the devmgr logger for the command line (the library never does)."""
+    handler = logging.StreamHandler(sys.stderr)
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter(not under_journald))
+    root = logging.getLogger("devmgr")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    logging.Formatter.converter = time.gmtime
+
+
+def start_main(args: argparse.Namespace) -> int:
+    if args.names:
+        from devmgr._ctl import names_main
+
+        return names_main(args)
+    from devmgr._config import resolve_config
+
+    try:
+        config = resolve_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level, args.log_format)
+    from devmgr._manager import Manager
+
+    manager = Manager(config)
+    try:
+        manager.run()
+    except DevmgrError as exc:
+        logging.getLogger("devmgr").error("%s", exc)
+        return 1
+    return EXIT_OK
