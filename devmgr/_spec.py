@@ -1,0 +1,1179 @@
+"""What a device and a manager are: pure, frozen, validated data (pydantic v2).
+
+Every model forbids unknown keys and checks its values on construction, so a spec that
+exists is a spec that can run. Rules that need several problems at once report them
+through `_fail`, whose context carries `(sub-location, message)` pairs; the config layer
+(`devmgr._config`) turns them, and pydantic's own errors, into `Problem`s with dotted
+places such as `devices.orders.in.type`. Equality means "same device": a reload diffs
+old and new configs model by model.
+
+The endpoint and socket-option rules live here, next to the models they guard, because a
+model must refuse bad input even when built directly in Python rather than from a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import socket
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import zmq
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from devmgr._paths import default_control_endpoint, default_events_endpoint
+
+# A sub-location inside the value being validated: ("type",), ("bind", 0), ("options", "x").
+Loc = tuple[str | int, ...]
+Issue = tuple[Loc, str]
+
+Kind = Literal["monitored_queue", "queue", "forwarder", "streamer"]
+KINDS: tuple[str, ...] = ("monitored_queue", "queue", "forwarder", "streamer")
+RestartPolicy = Literal["always", "on-failure", "never"]
+POLICIES: tuple[str, ...] = ("always", "on-failure", "never")
+
+_ANY_DEVICE_TYPE = ("ROUTER", "DEALER", "PAIR", "PULL", "PUSH", "PUB", "SUB", "XPUB", "XSUB")
+#: Socket types each kind allows per side; a kind without "mon" has no monitor socket.
+KIND_SOCKET_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "monitored_queue": {
+        "in": _ANY_DEVICE_TYPE,
+        "out": _ANY_DEVICE_TYPE,
+        "mon": ("PUB", "XPUB", "PUSH", "DEALER", "PAIR"),
+    },
+    "queue": {"in": ("ROUTER",), "out": ("DEALER",)},
+    "forwarder": {"in": ("SUB", "XSUB"), "out": ("PUB", "XPUB")},
+    "streamer": {"in": ("PULL",), "out": ("PUSH",)},
+}
+
+# sun_path holds 108 bytes on Linux (104 on the BSDs and macOS), one of them the NUL.
+IPC_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
+
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean X?)' for the closest of `choices` to `word`, else ''."""
+    by_lower = {c.lower(): c for c in choices}
+    low = word.lower()
+    if low in by_lower:
+        return f" (did you mean {by_lower[low]}?)"
+    match = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[match[0]]}?)" if match else ""
+
+
+def _fail(issues: list[Issue]) -> PydanticCustomError:
+    """Build the error that carries several problems, each at its own sub-location."""
+    summary = "; ".join(
+        (".".join(str(p) for p in loc) + ": " if loc else "") + msg for loc, msg in issues
+    )
+    return PydanticCustomError("devmgr", "{summary}", {"summary": summary, "issues": issues})
+
+
+def _show(value: object) -> str:
+    """Render a user's value for a message, shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _or(names: Iterable[str]) -> str:
+    items = list(names)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+# --------------------------------------------------------------------------- socket types
+
+
+def _socket_type_table() -> dict[str, str]:
+    """Map every accepted socket type name (aliases too) to its canonical name."""
+    draft = zmq.has("draft")
+    table: dict[str, str] = {}
+    for name, member in zmq.SocketType.__members__.items():
+        if int(member) >= int(zmq.SocketType.SERVER) and not draft:
+            continue
+        table[name] = zmq.SocketType(int(member)).name
+    return table
+
+
+SOCKET_TYPES: dict[str, str] = _socket_type_table()
+_DRAFT_SOCKET_TYPES = {
+    n for n, m in zmq.SocketType.__members__.items() if int(m) >= int(zmq.SocketType.SERVER)
+}
+
+
+# --------------------------------------------------------------------------- socket options
+
+_OptType = type(zmq.SocketOption.LINGER._opt_type)
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+_READ_ONLY = {"rcvmore", "fd", "events", "type", "last_endpoint", "mechanism", "thread_safe"}
+_DRAFT_OPTIONS = {
+    "metadata",
+    "router_notify",
+    "in_batch_size",
+    "out_batch_size",
+    "hello_msg",
+    "disconnect_msg",
+    "priority",
+    "busy_poll",
+    "hiccup_msg",
+    "xsub_verbose_unsubscribe",
+    "topics_count",
+}
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """Say why this libzmq build refuses option `name` on every socket, else None.
+
+    Checked against the bundled libzmq 4.3.5 by tests/test_spec_options.py.
+    """
+    if name in _READ_ONLY:
+        return f"{name} is read-only: it cannot be set"
+    if name == "hwm":
+        return "hwm is ZeroMQ 2's option: set sndhwm and rcvhwm instead"
+    if name == "blocky":
+        return "blocky is a context option, not a socket option"
+    if name.startswith("gssapi") and not zmq.has("gssapi"):
+        return f"{name} needs GSSAPI, which this libzmq was built without"
+    if name.startswith("norm_") and not zmq.has("norm"):
+        return f"{name} needs the NORM transport, which this libzmq was built without"
+    if name.startswith("vmci_"):
+        return f"{name} needs the VMCI transport, which this libzmq was built without"
+    if name.startswith("wss_"):
+        return f"{name} needs the WebSocket transport, which this libzmq was built without"
+    if name in _DRAFT_OPTIONS and not zmq.has("draft"):
+        return f"{name} is a draft option, which this libzmq was built without"
+    return None
+
+
+#: Options libzmq accepts only on some socket types (from libzmq 4.3.5's setsockopt).
+OPTION_SOCKET_TYPES: dict[str, tuple[str, ...]] = {
+    "subscribe": ("SUB",),
+    "unsubscribe": ("SUB",),
+    "router_mandatory": ("ROUTER", "REP"),
+    "router_raw": ("ROUTER", "REP"),
+    "router_handover": ("ROUTER", "REP"),
+    "connect_routing_id": ("ROUTER", "REP", "STREAM"),
+    "probe_router": ("ROUTER", "DEALER", "REQ", "REP"),
+    "req_correlate": ("REQ",),
+    "req_relaxed": ("REQ",),
+    "stream_notify": ("STREAM",),
+    "xpub_verbose": ("PUB", "XPUB"),
+    "xpub_verboser": ("PUB", "XPUB"),
+    "xpub_nodrop": ("PUB", "XPUB"),
+    "xpub_manual": ("PUB", "XPUB"),
+    "xpub_manual_last_value": ("PUB", "XPUB"),
+    "xpub_welcome_msg": ("PUB", "XPUB"),
+    "only_first_subscribe": ("PUB", "XPUB", "XSUB"),
+}
+
+_BOOL_OPTIONS = {
+    "immediate",
+    "ipv6",
+    "ipv4only",
+    "router_mandatory",
+    "router_raw",
+    "router_handover",
+    "xpub_verbose",
+    "xpub_verboser",
+    "xpub_nodrop",
+    "xpub_manual",
+    "xpub_manual_last_value",
+    "plain_server",
+    "curve_server",
+    "probe_router",
+    "req_correlate",
+    "req_relaxed",
+    "conflate",
+    "stream_notify",
+    "invert_matching",
+    "zap_enforce_domain",
+    "loopback_fastpath",
+    "multicast_loop",
+    "only_first_subscribe",
+}
+
+#: Inclusive (min, max) of integer options where libzmq refuses part of the C range.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "linger": (-1, _INT_MAX),
+    "sndhwm": (0, _INT_MAX),
+    "rcvhwm": (0, _INT_MAX),
+    "sndbuf": (-1, _INT_MAX),
+    "rcvbuf": (-1, _INT_MAX),
+    "rcvtimeo": (-1, _INT_MAX),
+    "sndtimeo": (-1, _INT_MAX),
+    "reconnect_ivl": (-1, _INT_MAX),
+    "reconnect_ivl_max": (0, _INT_MAX),
+    "backlog": (0, _INT_MAX),
+    "maxmsgsize": (-1, _INT64_MAX),
+    "affinity": (0, _INT64_MAX),
+    "tcp_keepalive": (-1, 1),
+    "tcp_keepalive_cnt": (-1, _INT_MAX),
+    "tcp_keepalive_idle": (-1, _INT_MAX),
+    "tcp_keepalive_intvl": (-1, _INT_MAX),
+    "tos": (0, _INT_MAX),
+    "heartbeat_ivl": (0, _INT_MAX),
+    "heartbeat_ttl": (0, 6553599),
+    "heartbeat_timeout": (0, _INT_MAX),
+    "handshake_ivl": (0, _INT_MAX),
+    "connect_timeout": (0, _INT_MAX),
+    "tcp_maxrt": (0, _INT_MAX),
+    "rate": (1, _INT_MAX),
+    "recovery_ivl": (0, _INT_MAX),
+    "multicast_hops": (1, _INT_MAX),
+    "multicast_maxtpdu": (1, _INT_MAX),
+    "use_fd": (-1, _INT_MAX),
+}
+
+#: Inclusive (min, max) length in bytes of string options libzmq bounds.
+_BYTES_LENGTHS: dict[str, tuple[int, int]] = {
+    "routing_id": (1, 255),
+    "connect_routing_id": (1, 255),
+    "zap_domain": (0, 255),
+    "plain_username": (1, 255),
+    "plain_password": (1, 255),
+    "socks_proxy": (1, 1024),
+    "bindtodevice": (1, 15),
+}
+_CURVE_KEY_OPTIONS = {"curve_publickey", "curve_secretkey", "curve_serverkey"}
+_Z85_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+def _option_table() -> dict[str, zmq.SocketOption]:
+    """Map every settable option name (pyzmq's, lower case, aliases too) to its constant."""
+    return {
+        name.lower(): member
+        for name, member in zmq.SocketOption.__members__.items()
+        if member._opt_type is not _OptType.fd
+    }
+
+
+SOCKET_OPTIONS: dict[str, zmq.SocketOption] = _option_table()
+#: Option names a config may use: those this libzmq accepts on at least one socket type.
+SETTABLE_OPTIONS: tuple[str, ...] = tuple(
+    sorted(n for n in SOCKET_OPTIONS if _unavailable_reason(n) is None)
+)
+
+
+def _is_bytes_option(name: str) -> bool:
+    return SOCKET_OPTIONS[name]._opt_type is _OptType.bytes
+
+
+def _check_option(
+    name: str, value: object, socket_type: str | None
+) -> tuple[str, int | str | list[str] | None, str | None]:
+    """Check one option; return (canonical name, normalised value, problem or None)."""
+    if name not in SOCKET_OPTIONS:
+        return (
+            name,
+            None,
+            (
+                f"unknown socket option {name!r}{did_you_mean(name, SETTABLE_OPTIONS)}; "
+                "options are pyzmq's names in lower case, e.g. sndhwm, linger, subscribe"
+            ),
+        )
+    reason = _unavailable_reason(name)
+    if reason:
+        return name, None, reason
+    canonical = zmq.SocketOption(int(SOCKET_OPTIONS[name])).name.lower()
+    allowed = OPTION_SOCKET_TYPES.get(canonical)
+    if socket_type is not None and allowed and socket_type not in allowed:
+        return (
+            canonical,
+            None,
+            (f"{name} applies only to {_or(allowed)} sockets, not {socket_type}"),
+        )
+    if _is_bytes_option(canonical):
+        return _check_bytes_option(canonical, name, value)
+    return _check_int_option(canonical, name, value)
+
+
+def _check_bytes_option(
+    canonical: str, name: str, value: object
+) -> tuple[str, int | str | list[str] | None, str | None]:
+    many = canonical in ("subscribe", "unsubscribe")
+    if isinstance(value, list) and many:
+        if not value:
+            return (
+                canonical,
+                None,
+                (f'an empty list {name}s to nothing; use "" to subscribe to every topic'),
+            )
+        items = value
+    elif isinstance(value, str):
+        items = [value]
+    else:
+        want = "a string or a list of strings" if many else "a string"
+        return canonical, None, f"{name} takes {want}, got {_show(value)}"
+    for item in items:
+        if not isinstance(item, str):
+            return canonical, None, f"{name} takes strings, got {_show(item)}"
+        try:
+            raw = item.encode("utf-8")
+        except UnicodeEncodeError:
+            return canonical, None, f"{name}: {_show(item)} cannot be encoded as UTF-8"
+        if canonical in _BYTES_LENGTHS:
+            low, high = _BYTES_LENGTHS[canonical]
+            if not low <= len(raw) <= high:
+                return (
+                    canonical,
+                    None,
+                    (f"{name} must be {low} to {high} bytes long, got {len(raw)}"),
+                )
+        if canonical in _CURVE_KEY_OPTIONS and not _Z85_RE.match(item):
+            return (
+                canonical,
+                None,
+                (f"{name} must be a 40-character Z85 key (as in a zmq.auth certificate)"),
+            )
+        if canonical == "tcp_accept_filter":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                return canonical, None, f"{name} must be an IP address or network, got {item!r}"
+    normalised: str | list[str] = list(items) if isinstance(value, list) else items[0]
+    return canonical, normalised, None
+
+
+def _check_int_option(
+    canonical: str, name: str, value: object
+) -> tuple[str, int | str | list[str] | None, str | None]:
+    if canonical in _BOOL_OPTIONS:
+        if isinstance(value, bool):
+            return canonical, int(value), None
+        if isinstance(value, int) and value in (0, 1):
+            return canonical, value, None
+        return canonical, None, f"{name} takes true or false (or 1 or 0), got {_show(value)}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return canonical, None, f"{name} takes an integer, got {_show(value)}"
+    wide = SOCKET_OPTIONS[canonical]._opt_type is _OptType.int64
+    low, high = _INT_RANGES.get(
+        canonical, (_INT64_MIN, _INT64_MAX) if wide else (_INT_MIN, _INT_MAX)
+    )
+    if not low <= value <= high:
+        where = f"at least {low}" if high in (_INT_MAX, _INT64_MAX) else f"{low} to {high}"
+        return canonical, None, f"{name} must be {where}, got {value}"
+    return canonical, value, None
+
+
+# --------------------------------------------------------------------------- endpoints
+
+_KNOWN_TRANSPORTS = (
+    "tcp",
+    "ipc",
+    "inproc",
+    "pgm",
+    "epgm",
+    "tipc",
+    "norm",
+    "vmci",
+    "ws",
+    "wss",
+    "udp",
+)
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_INPROC_WHY = (
+    "inproc:// works only inside one process, and each device runs in a process of its "
+    "own: use ipc:// (e.g. ipc:///tmp/NAME) or tcp://127.0.0.1:PORT"
+)
+
+# A bound address for conflict checks: ("tcp", host or "*", port) or ("ipc", path).
+BindKey = tuple[str, str, int] | tuple[str, str]
+
+
+def _interfaces() -> set[str]:
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface table (some sandboxes)
+        return set()
+
+
+def _ipv4(host: str) -> str | None:
+    """Return `host` as a normalised IPv4 address if libzmq reads it as one, else None."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return str(infos[0][4][0]) if infos else None
+
+
+def _ipv6(host: str) -> str | None:
+    """Return the address inside `[...]` (scope id dropped) if it is IPv6, else None."""
+    inner = host[1:-1].split("%", 1)[0]
+    try:
+        return str(ipaddress.IPv6Address(inner))
+    except ValueError:
+        return None
+
+
+def _check_tcp_host(host: str, *, bind: bool, source: bool = False) -> str | None:
+    """Check the host part of a tcp endpoint; return a problem or None."""
+    what = "a source address" if source else "bind" if bind else "connect"
+    if not host:
+        return "the host is missing: expected tcp://HOST:PORT"
+    if host in ("*", "[*]"):
+        return None if bind or source else "connect needs a host: '*' is only for bind"
+    if host.startswith("["):
+        if not host.endswith("]") or (host != "[*]" and _ipv6(host) is None):
+            return f"{host} is not a bracketed IPv6 address like [::1]"
+        return None
+    if ":" in host:
+        return f"IPv6 addresses need brackets, e.g. tcp://[{host}]:PORT"
+    if _ipv4(host) is not None or host == "localhost":
+        return None
+    if bind or source:
+        if host in _interfaces():
+            return None
+        return (
+            f"{host!r} is neither an IP address, '*' nor a network interface of this "
+            f"machine ({what} does not look up host names)"
+        )
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        return f"{host!r} is not a valid host name or IP address"
+    return None
+
+
+def _check_port(port: str, *, bind: bool) -> str | None:
+    if bind and port == "*":
+        return None
+    if not port.isascii() or not port.isdigit():
+        return f"port {port!r} is not a number" + (" or '*'" if bind else "")
+    number = int(port)
+    if number > 65535:
+        return f"port {number} is out of range (0 to 65535)"
+    if number == 0 and not bind:
+        return "port 0 means 'any free port' and only makes sense for bind"
+    return None
+
+
+def check_endpoint(endpoint: str, *, bind: bool) -> str | None:
+    """Check one endpoint as libzmq would read it; return a problem or None."""
+    if not endpoint or endpoint != endpoint.strip() or any(c.isspace() for c in endpoint):
+        return f"{_show(endpoint)} is not an endpoint: it is empty or contains spaces"
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        return (
+            f"{_show(endpoint)} is not an endpoint: expected TRANSPORT://ADDRESS, "
+            "e.g. tcp://127.0.0.1:5555 or ipc:///tmp/NAME"
+        )
+    transport = transport.lower()
+    if transport == "inproc":
+        return _INPROC_WHY
+    if transport not in ("tcp", "ipc"):
+        if transport in _KNOWN_TRANSPORTS:
+            return f"devmgr devices use tcp:// or ipc://, not {transport}://"
+        return (
+            f"unknown transport {transport!r}{did_you_mean(transport, ('tcp', 'ipc'))}; "
+            "devmgr devices use tcp:// or ipc://"
+        )
+    if "\0" in address:
+        return "the address contains a NUL character"
+    if transport == "ipc":
+        return _check_ipc(address, bind=bind)
+    source, semi, target = address.rpartition(";")
+    if semi:
+        if bind:
+            return "a source address (SOURCE;HOST:PORT) is only for connect"
+        src_host, src_sep, src_port = source.rpartition(":")
+        if not src_sep or (not src_host.endswith("]") and ":" in src_host):
+            src_host, src_port = source, ""
+        problem = _check_tcp_host(src_host, bind=True, source=True) or (
+            _check_port(src_port, bind=True) if src_port else None
+        )
+        if problem:
+            return f"source address: {problem}"
+    host, colon, port = target.rpartition(":")
+    if not colon:
+        return f"{_show(endpoint)} has no port: expected tcp://HOST:PORT"
+    return _check_tcp_host(host, bind=bind) or _check_port(port, bind=bind)
+
+
+def _check_ipc(path: str, *, bind: bool) -> str | None:
+    if not path:
+        return "the ipc path is empty: expected ipc:///PATH"
+    if path == "*":
+        return None if bind else "ipc://* (a fresh temporary path) is only for bind"
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size > IPC_PATH_MAX:
+        return (
+            f"the ipc path is {size} bytes long; the OS limit (sun_path) is {IPC_PATH_MAX}: "
+            "use a shorter path, e.g. under /tmp or $XDG_RUNTIME_DIR"
+        )
+    return None
+
+
+def endpoint_is_ipv6(endpoint: str) -> bool:
+    """Tell whether a tcp endpoint names an IPv6 address (which needs the ipv6 option)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    target = endpoint[len("tcp://") :].rpartition(";")[2]
+    host = target.rpartition(":")[0]
+    return host.startswith("[") and host != "[*]"
+
+
+def bind_key(endpoint: str) -> list[BindKey]:
+    """Return what a bind occupies (for conflict checks); [] for 'any free port/path'."""
+    transport, _, address = endpoint.partition("://")
+    if transport == "ipc":
+        return [] if address == "*" else [("ipc", address)]
+    if transport != "tcp":
+        return []
+    host, _, port = address.rpartition(":")
+    if port in ("*", "0") or not port.isdigit():
+        return []
+    number = int(port)
+    if host in ("*", "[*]", "0.0.0.0", "[::]"):
+        return [("tcp", "*", number)]
+    if host == "localhost":
+        return [("tcp", "127.0.0.1", number), ("tcp", "::1", number)]
+    if host.startswith("["):
+        return [("tcp", _ipv6(host) or host, number)]
+    address4 = _ipv4(host)
+    if address4 is not None:
+        return [("tcp", address4, number)]
+    return [("tcp", addr, number) for addr in _interface_addresses(host)] or [("tcp", host, number)]
+
+
+def _interface_addresses(name: str) -> list[str]:
+    import psutil
+
+    return [
+        str(a.address).split("%", 1)[0]
+        for a in psutil.net_if_addrs().get(name, [])
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    ]
+
+
+def _keys_conflict(a: BindKey, b: BindKey) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "ipc":
+        return a[1] == b[1]
+    return a[2] == b[2] and (a[1] == b[1] or "*" in (a[1], b[1]))  # type: ignore[misc]
+
+
+def find_bind_conflicts(binds: Iterable[tuple[Loc, str]]) -> list[Issue]:
+    """Report every bind that overlaps an earlier one (same ipc path, or tcp port with the
+    same address or a '*' on either side), at the later place."""
+    seen: list[tuple[Loc, str, BindKey]] = []
+    issues: list[Issue] = []
+    for loc, endpoint in binds:
+        keys = bind_key(endpoint)
+        clash = next(
+            (
+                (other_loc, other_ep)
+                for key in keys
+                for other_loc, other_ep, other in seen
+                if _keys_conflict(key, other)
+            ),
+            None,
+        )
+        if clash is not None:
+            other_loc, other_ep = clash
+            same = "is also bound" if other_ep == endpoint else f"overlaps {other_ep}, bound"
+            issues.append((loc, f"{endpoint} {same} at {format_loc(other_loc)}"))
+        seen.extend((loc, endpoint, key) for key in keys)
+    return issues
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    """Format a location as a dotted place: ("devices", "a", "in", "bind", 0) ->
+    devices.a.in.bind[0]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = "in" if part == "in_" else part
+            out += f".{name}" if out else name
+    return out
+
+
+def _resolve_ipc(endpoint: str, info: ValidationInfo) -> str:
+    """Make a relative ipc path absolute against the config file's folder (if known)."""
+    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    if base is None or not endpoint.startswith("ipc://"):
+        return endpoint
+    path = endpoint[len("ipc://") :]
+    if not path or path == "*" or path.startswith(("/", "@")):
+        return endpoint
+    return f"ipc://{Path(base) / path}"
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    if base is None or value.is_absolute():
+        return value
+    return Path(base) / value
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _finite_at_least(minimum: float, *, inclusive: bool, unit: str) -> AfterValidator:
+    """Refuse NaN, infinities and values below `minimum` (or equal, if not inclusive)."""
+
+    def check(value: float) -> float:
+        if not math.isfinite(value):
+            raise PydanticCustomError("devmgr", "must be a finite number of {unit}", {"unit": unit})
+        if value < minimum or (value == minimum and not inclusive):
+            bound = f"at least {minimum:g}" if inclusive else f"greater than {minimum:g}"
+            raise PydanticCustomError(
+                "devmgr",
+                "must be {bound} ({unit}), got {value}",
+                {"bound": bound, "unit": unit, "value": f"{value:g}"},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Seconds = Annotated[float, StrictFloat, _finite_at_least(0, inclusive=True, unit="seconds")]
+PositiveSeconds = Annotated[
+    float, StrictFloat, _finite_at_least(0, inclusive=False, unit="seconds")
+]
+
+
+def _choice_before(choices: tuple[str, ...], what: str) -> Any:
+    """Return a before-validator giving a did-you-mean for a string outside `choices`."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str) and value not in choices:
+            raise PydanticCustomError(
+                "devmgr",
+                "{summary}",
+                {
+                    "summary": f"{value!r} is not a {what}{did_you_mean(value, choices)}; "
+                    f"expected {_or(choices)}"
+                },
+            )
+        return value
+
+    return check
+
+
+# --------------------------------------------------------------------------- models
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class SocketSpec(BaseModel):
+    """One ZeroMQ socket of a device: its type, endpoints and options."""
+
+    model_config = _FROZEN
+
+    type: StrictStr = Field(
+        description="ZeroMQ socket type name, e.g. ROUTER, DEALER, PUB, SUB, XPUB, XSUB, "
+        "PULL, PUSH, PAIR (case-insensitive; stored upper case)"
+    )
+    bind: tuple[StrictStr, ...] = Field(default=(), description="endpoints to bind")
+    connect: tuple[StrictStr, ...] = Field(default=(), description="endpoints to connect to")
+    options: dict[str, int | str | list[str]] = Field(
+        default_factory=dict,
+        description="socket options by pyzmq's lower-case name (sndhwm, linger, subscribe, "
+        "routing_id, ...); bytes options take UTF-8 strings, subscribe also a list",
+        json_schema_extra={"propertyNames": {"enum": list(SETTABLE_OPTIONS)}},
+    )
+
+    @field_validator("type", mode="after")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        canonical = SOCKET_TYPES.get(value.upper())
+        if canonical is not None:
+            return canonical
+        if value.upper() in _DRAFT_SOCKET_TYPES:
+            message = f"{value!r} is a draft socket type, which this libzmq was built without"
+        else:
+            choices = [n for n in SOCKET_TYPES if SOCKET_TYPES[n] == n]
+            message = f"{value!r} is not a ZeroMQ socket type{did_you_mean(value, choices)}"
+        raise PydanticCustomError("devmgr", "{summary}", {"summary": message})
+
+    @field_validator("bind", "connect", mode="after")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        resolved = tuple(_resolve_ipc(ep, info) for ep in value)
+        issues: list[Issue] = []
+        for i, endpoint in enumerate(resolved):
+            problem = check_endpoint(endpoint, bind=info.field_name == "bind")
+            if problem:
+                issues.append(((i,), problem))
+        if info.field_name == "bind" and not issues:
+            issues.extend(find_bind_conflicts(((i,), ep) for i, ep in enumerate(resolved)))
+        if issues:
+            raise _fail(issues)
+        return resolved
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, Mapping):
+            return value  # pydantic reports the type error
+        socket_type = SOCKET_TYPES.get(str(info.data.get("type", "")).upper())
+        normalised: dict[str, int | str | list[str]] = {}
+        issues: list[Issue] = []
+        for key, raw in value.items():
+            if not isinstance(key, str):
+                issues.append(((str(key),), "option names are strings"))
+                continue
+            name, checked, problem = _check_option(key, raw, socket_type)
+            if problem is None and name in normalised:
+                problem = f"{key} sets {name}, which is already set"
+            if problem is not None:
+                issues.append(((key,), problem))
+            elif checked is not None:
+                normalised[name] = checked
+        if issues:
+            raise _fail(issues)
+        return normalised
+
+    @model_validator(mode="after")
+    def _usable(self) -> SocketSpec:
+        issues: list[Issue] = []
+        if not self.bind and not self.connect:
+            issues.append(((), "neither bind nor connect: give at least one endpoint"))
+        if not self.options.get("ipv6"):
+            for field in ("bind", "connect"):
+                for i, endpoint in enumerate(getattr(self, field)):
+                    if endpoint_is_ipv6(endpoint):
+                        issues.append(
+                            (
+                                (field, i),
+                                (
+                                    f"{endpoint} is an IPv6 address: set options.ipv6 = true on "
+                                    "this socket"
+                                ),
+                            )
+                        )
+        if issues:
+            raise _fail(issues)
+        return self
+
+    def zmq_type(self) -> int:
+        """Return the socket type constant for `zmq.Context.socket`."""
+        return int(zmq.SocketType[self.type])
+
+    def zmq_options(self) -> list[tuple[int, int | bytes]]:
+        """Return (option constant, value) pairs ready for `setsockopt`, in order.
+
+        Strings become UTF-8 bytes and a list gives one pair per item. A SUB socket with
+        no `subscribe` option gets `subscribe = b""` (every topic), since a device that
+        subscribes to nothing would forward nothing.
+        """
+        pairs: list[tuple[int, int | bytes]] = []
+        for name, value in self.options.items():
+            constant = int(SOCKET_OPTIONS[name])
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                pairs.append((constant, item.encode() if isinstance(item, str) else item))
+        if self.type == "SUB" and "subscribe" not in self.options:
+            pairs.append((int(zmq.SocketOption.SUBSCRIBE), b""))
+        return pairs
+
+
+class RestartSpec(BaseModel):
+    """When and how fast a device that exits is started again."""
+
+    model_config = _FROZEN
+
+    policy: RestartPolicy = Field(default="always", description="always | on-failure | never")
+    backoff_initial: Seconds = Field(
+        default=0.1, description="seconds before the first restart; doubles per failure"
+    )
+    backoff_max: Seconds = Field(default=30.0, description="the longest backoff, seconds")
+    max_restarts: StrictInt = Field(
+        default=10, description="automatic restarts allowed within `window` before fatal"
+    )
+    window: PositiveSeconds = Field(default=60.0, description="seconds")
+
+    _policy = field_validator("policy", mode="before")(_choice_before(POLICIES, "restart policy"))
+
+    @field_validator("max_restarts", mode="after")
+    @classmethod
+    def _count(cls, value: int) -> int:
+        if value < 0:
+            raise PydanticCustomError(
+                "devmgr",
+                "must be 0 or more (0: the first failure is fatal), got {value}",
+                {"value": value},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RestartSpec:
+        if self.backoff_max < self.backoff_initial:
+            raise _fail(
+                [
+                    (
+                        ("backoff_max",),
+                        (
+                            f"{self.backoff_max:g} is below backoff_initial "
+                            f"({self.backoff_initial:g}): it must be at least backoff_initial"
+                        ),
+                    )
+                ]
+            )
+        return self
+
+
+class HealthSpec(BaseModel):
+    """Limits the manager checks a running device against."""
+
+    model_config = _FROZEN
+
+    max_rss_mb: (
+        Annotated[float, StrictFloat, _finite_at_least(0, inclusive=False, unit="MiB")] | None
+    ) = Field(default=None, description="restart the device above this resident size, MiB")
+    ping_timeout: PositiveSeconds = Field(
+        default=2.0, description="seconds to wait for PONG before the device is unresponsive"
+    )
+
+
+def _name(value: str) -> str:
+    if not DEVICE_NAME_RE.match(value):
+        raise PydanticCustomError(
+            "devmgr",
+            "{summary}",
+            {
+                "summary": f"{_show(value)} is not a device name: use 1 to 64 letters, digits, "
+                "'_' or '-', not starting with '-'"
+            },
+        )
+    return value
+
+
+class DeviceSpec(BaseModel):
+    """One device: a forwarding loop between an in-socket and an out-socket."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    name: Annotated[StrictStr, AfterValidator(_name)] = Field(
+        description="the device name (the key of its [devices.NAME] table)"
+    )
+    kind: Kind = Field(
+        default="monitored_queue",
+        description="monitored_queue (default) | queue | forwarder | streamer",
+    )
+    in_: SocketSpec = Field(alias="in", description="the in-socket")
+    out: SocketSpec = Field(description="the out-socket")
+    mon: SocketSpec | None = Field(
+        default=None, description="the monitor socket (monitored_queue only; type PUB default)"
+    )
+    in_prefix: StrictStr = Field(default="in", description="monitor prefix of in->out messages")
+    out_prefix: StrictStr = Field(default="out", description="monitor prefix of out->in messages")
+    autostart: StrictBool = Field(default=True, description="start with the manager")
+    restart: RestartSpec = Field(default_factory=RestartSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
+
+    _kind = field_validator("kind", mode="before")(_choice_before(KINDS, "device kind"))
+
+    @field_validator("mon", mode="before")
+    @classmethod
+    def _mon_default_type(cls, value: object) -> object:
+        if isinstance(value, Mapping) and "type" not in value:
+            return {"type": "PUB", **value}
+        return value
+
+    @field_validator("in_", "out", "mon", mode="after")
+    @classmethod
+    def _type_fits_kind(cls, value: SocketSpec | None, info: ValidationInfo) -> SocketSpec | None:
+        kind = info.data.get("kind")
+        if value is None or kind is None:
+            return value
+        side = "in" if info.field_name == "in_" else str(info.field_name)
+        allowed = KIND_SOCKET_TYPES[kind].get(side)
+        if allowed is None:
+            raise _fail([((), (f"a {kind} has no monitor socket: only a monitored_queue has mon"))])
+        if value.type not in allowed:
+            raise _fail(
+                [
+                    (
+                        ("type",),
+                        (
+                            f"a {kind}'s {side}-socket must be {_or(allowed)}, not {value.type} "
+                            f"({_kind_summary(kind)})"
+                        ),
+                    )
+                ]
+            )
+        return value
+
+    @field_validator("in_prefix", "out_prefix", mode="after")
+    @classmethod
+    def _prefix(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")
+        default = "in" if info.field_name == "in_prefix" else "out"
+        if kind is not None and kind != "monitored_queue" and value != default:
+            raise PydanticCustomError(
+                "devmgr",
+                "{summary}",
+                {
+                    "summary": f"a {kind} has no monitor, so no prefixes: only a "
+                    f"monitored_queue has {info.field_name}"
+                },
+            )
+        if not value:
+            raise PydanticCustomError(
+                "devmgr", "must not be empty (it is the monitor's first frame)", {}
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError(
+                "devmgr", "{summary}", {"summary": f"{_show(value)} cannot be encoded as UTF-8"}
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _own_binds(self) -> DeviceSpec:
+        issues = find_bind_conflicts(self._binds(()))
+        if issues:
+            raise _fail(issues)
+        return self
+
+    def _binds(self, prefix: Loc) -> list[tuple[Loc, str]]:
+        binds: list[tuple[Loc, str]] = []
+        for side, sock in (("in", self.in_), ("out", self.out), ("mon", self.mon)):
+            if sock is not None:
+                binds.extend(((*prefix, side, "bind", i), ep) for i, ep in enumerate(sock.bind))
+        return binds
+
+    def endpoints(self) -> dict[str, dict[str, list[str]] | None]:
+        """Return the configured endpoints per socket, as `status` reports them."""
+
+        def side(sock: SocketSpec | None) -> dict[str, list[str]] | None:
+            if sock is None:
+                return None
+            return {"bind": list(sock.bind), "connect": list(sock.connect)}
+
+        return {"in": side(self.in_), "out": side(self.out), "mon": side(self.mon)}
+
+
+def _kind_summary(kind: str) -> str:
+    sides = KIND_SOCKET_TYPES[kind]
+    parts = [f"{side} {'|'.join(types)}" for side, types in sides.items()]
+    if kind == "monitored_queue":
+        parts = [f"in and out any of {'|'.join(sides['in'])}", f"mon {'|'.join(sides['mon'])}"]
+    return f"{kind}: " + ", ".join(parts)
+
+
+class CurveSpec(BaseModel):
+    """CURVE keys that secure the manager's control socket."""
+
+    model_config = _FROZEN
+
+    secret_key: Path = Field(
+        description="the manager's certificate with its secret key (zmq.auth's "
+        "*.key_secret file); relative to the config file's folder"
+    )
+    authorized_keys: Path = Field(
+        description="folder of the public certificates of clients allowed to connect"
+    )
+
+    @field_validator("secret_key", "authorized_keys", mode="after")
+    @classmethod
+    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(value, info)
+
+
+def _is_loopback_tcp(endpoint: str) -> bool:
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    if host in ("localhost", "lo"):
+        return True
+    address = _ipv4(host) if not host.startswith("[") else _ipv6(host)
+    return address is not None and ipaddress.ip_address(address).is_loopback
+
+
+def check_metrics(value: str) -> str | None:
+    """Check a metrics 'host:port' address; return a problem or None."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host:
+        return f"{_show(value)} is not HOST:PORT, e.g. 127.0.0.1:9101"
+    problem = _check_port(port, bind=False) or _check_tcp_host(host, bind=False)
+    return problem
+
+
+class ManagerSettings(BaseModel):
+    """The manager's own endpoints and timings."""
+
+    model_config = _FROZEN
+
+    control: StrictStr = Field(
+        default_factory=default_control_endpoint,
+        description="ROUTER endpoint of the control protocol (default: "
+        "ipc://$XDG_RUNTIME_DIR/devmgr/control, else ipc:///tmp/devmgr-$UID/control)",
+    )
+    events: StrictStr = Field(
+        default_factory=default_events_endpoint,
+        description="PUB endpoint of lifecycle events (default: `events` beside an ipc "
+        "control; required when control is tcp)",
+    )
+    health_interval: PositiveSeconds = Field(
+        default=1.0, description="seconds between health samples and device pings"
+    )
+    stop_timeout: Seconds = Field(default=5.0, description="seconds to drain before SIGKILL")
+    curve: CurveSpec | None = Field(
+        default=None, description="CURVE keys; required to bind control on non-loopback tcp"
+    )
+    metrics: StrictStr | None = Field(
+        default=None, description="HOST:PORT of a Prometheus metrics endpoint (optional)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _events_beside_control(cls, data: object) -> object:
+        if isinstance(data, Mapping) and "events" not in data:
+            control = data.get("control")
+            if isinstance(control, str) and control.startswith("ipc://"):
+                path = control[len("ipc://") :]
+                parent, _, name = path.rpartition("/")
+                sibling = f"{parent}/events" if name != "events" else f"{path}.pub"
+                return {**data, "events": f"ipc://{sibling}" if parent else "ipc://events"}
+        return data
+
+    @field_validator("control", "events", mode="after")
+    @classmethod
+    def _manager_endpoint(cls, value: str, info: ValidationInfo) -> str:
+        value = _resolve_ipc(value, info)
+        problem = check_endpoint(value, bind=True)
+        if problem is None and not bind_key(value):
+            problem = f"{value} picks a random port or path, which clients could not find"
+        if problem is None and endpoint_is_ipv6(value):
+            problem = "devmgr binds its own endpoints without the ipv6 option: use IPv4 or ipc"
+        if problem:
+            raise PydanticCustomError("devmgr", "{summary}", {"summary": problem})
+        return value
+
+    @field_validator("metrics", mode="after")
+    @classmethod
+    def _metrics(cls, value: str | None) -> str | None:
+        problem = None if value is None else check_metrics(value)
+        if problem:
+            raise PydanticCustomError("devmgr", "{summary}", {"summary": problem})
+        return value
+
+    @model_validator(mode="after")
+    def _secure(self) -> ManagerSettings:
+        issues: list[Issue] = []
+        if self.control.startswith("tcp://") and "events" not in self.model_fields_set:
+            issues.append(
+                (
+                    ("events",),
+                    (
+                        "required when control is tcp: give the events endpoint too, e.g. "
+                        "tcp://127.0.0.1:PORT"
+                    ),
+                )
+            )
+        if (
+            self.control.startswith("tcp://")
+            and self.curve is None
+            and not _is_loopback_tcp(self.control)
+        ):
+            issues.append(
+                (
+                    ("control",),
+                    (
+                        f"{self.control} accepts connections from other machines, and anyone who "
+                        "reaches it can stop or add devices: add a [manager.curve] table "
+                        "(secret_key, authorized_keys) or bind control on 127.0.0.1 or ipc://"
+                    ),
+                )
+            )
+        issues.extend(find_bind_conflicts(self.binds(())))
+        if issues:
+            raise _fail(issues)
+        return self
+
+    def binds(self, prefix: Loc) -> list[tuple[Loc, str]]:
+        """Return the endpoints the manager itself binds, with their places."""
+        binds: list[tuple[Loc, str]] = [
+            ((*prefix, "control"), self.control),
+            ((*prefix, "events"), self.events),
+        ]
+        if self.metrics is not None:
+            binds.append(((*prefix, "metrics"), f"tcp://{self.metrics}"))
+        return binds
+
+
+def config_conflicts(
+    manager: ManagerSettings | None, devices: Mapping[str, DeviceSpec]
+) -> list[Issue]:
+    """Find endpoints bound twice across the manager and all devices."""
+    binds: list[tuple[Loc, str]] = []
+    if manager is not None:
+        binds.extend(manager.binds(("manager",)))
+    for key, spec in devices.items():
+        binds.extend(spec._binds(("devices", key)))
+    return find_bind_conflicts(binds)
+
+
+class ManagerConfig(BaseModel):
+    """A whole config: the manager's settings and its devices by name."""
+
+    model_config = _FROZEN
+
+    manager: ManagerSettings = Field(default_factory=ManagerSettings)
+    devices: dict[str, DeviceSpec] = Field(
+        default_factory=dict, description="devices by name: [devices.NAME] tables"
+    )
+    path: Path | None = Field(
+        default=None, description="the config file (None for the embedded default)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: object) -> object:
+        # In a file the table key is the name; let a plain dict say it the same way.
+        if isinstance(data, Mapping) and isinstance(data.get("devices"), Mapping):
+            devices = {
+                key: {"name": key, **table}
+                if isinstance(table, Mapping) and "name" not in table
+                else table
+                for key, table in data["devices"].items()
+            }
+            return {**data, "devices": devices}
+        return data
+
+    @model_validator(mode="after")
+    def _whole(self) -> ManagerConfig:
+        issues: list[Issue] = [
+            (("devices", key, "name"), f"{spec.name!r} differs from the table key {key!r}")
+            for key, spec in self.devices.items()
+            if spec.name != key
+        ]
+        issues.extend(config_conflicts(self.manager, self.devices))
+        if issues:
+            raise _fail(issues)
+        return self
+
+    def with_device(self, spec: DeviceSpec) -> ManagerConfig:
+        """Return this config with `spec` added or replaced, re-checking everything."""
+        devices = {**self.devices, spec.name: spec}
+        return ManagerConfig(manager=self.manager, devices=devices, path=self.path)
