@@ -649,9 +649,18 @@ def _finite_at_least(minimum: float, *, inclusive: bool, unit: str) -> AfterVali
     return AfterValidator(check)
 
 
-Seconds = Annotated[float, StrictFloat, _finite_at_least(0, inclusive=True, unit="seconds")]
+# The Field() metadata only shows the bound in the JSON Schema; the validator enforces it.
+Seconds = Annotated[
+    float,
+    StrictFloat,
+    _finite_at_least(0, inclusive=True, unit="seconds"),
+    Field(json_schema_extra={"minimum": 0}),
+]
 PositiveSeconds = Annotated[
-    float, StrictFloat, _finite_at_least(0, inclusive=False, unit="seconds")
+    float,
+    StrictFloat,
+    _finite_at_least(0, inclusive=False, unit="seconds"),
+    Field(json_schema_extra={"exclusiveMinimum": 0}),
 ]
 
 
@@ -802,7 +811,9 @@ class RestartSpec(BaseModel):
     )
     backoff_max: Seconds = Field(default=30.0, description="the longest backoff, seconds")
     max_restarts: StrictInt = Field(
-        default=10, description="automatic restarts allowed within `window` before fatal"
+        default=10,
+        description="automatic restarts allowed within `window` before fatal",
+        json_schema_extra={"minimum": 0},
     )
     window: PositiveSeconds = Field(default=60.0, description="seconds")
 
@@ -842,7 +853,13 @@ class HealthSpec(BaseModel):
     model_config = _FROZEN
 
     max_rss_mb: (
-        Annotated[float, StrictFloat, _finite_at_least(0, inclusive=False, unit="MiB")] | None
+        Annotated[
+            float,
+            StrictFloat,
+            _finite_at_least(0, inclusive=False, unit="MiB"),
+            Field(json_schema_extra={"exclusiveMinimum": 0}),
+        ]
+        | None
     ) = Field(default=None, description="restart the device above this resident size, MiB")
     ping_timeout: PositiveSeconds = Field(
         default=2.0, description="seconds to wait for PONG before the device is unresponsive"
