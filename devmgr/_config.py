@@ -30,6 +30,7 @@ from devmgr._spec import (
     config_conflicts,
     did_you_mean,
     format_loc,
+    render_issue,
 )
 
 CONFIG_ENV = "DEVMGR_CONFIG"
@@ -115,10 +116,9 @@ def problems_from(error: ValidationError, root: type[BaseModel], prefix: Loc = (
         kind = item["type"]
         ctx = item.get("ctx") or {}
         if kind == "devmgr" and "issues" in ctx:
-            problems.extend(
-                Problem(format_loc((*prefix, *loc, *sub)), message)
-                for sub, message in ctx["issues"]
-            )
+            for issue in ctx["issues"]:
+                full, message = render_issue(issue, (*prefix, *loc))
+                problems.append(Problem(format_loc(full), message))
         elif kind == "devmgr":
             problems.append(Problem(where, item["msg"]))
         elif kind == "extra_forbidden":
@@ -257,7 +257,8 @@ def parse_config(data: object, *, path: Path | None = None) -> ManagerConfig:
     devices, device_problems = _devices(data.get("devices", {}), base_dir)
     problems.extend(device_problems)
     problems.extend(
-        Problem(format_loc(loc), message) for loc, message in config_conflicts(manager, devices)
+        Problem(format_loc(loc), message)
+        for loc, message in map(render_issue, config_conflicts(manager, devices))
     )
     if problems or manager is None:
         raise ConfigError(problems)
@@ -344,7 +345,8 @@ def parse_devices_file(path: str | os.PathLike[str]) -> list[DeviceSpec]:
     devices, found = _devices(data.get("devices", {}), file.parent)
     problems.extend(found)
     problems.extend(
-        Problem(format_loc(loc), message) for loc, message in config_conflicts(None, devices)
+        Problem(format_loc(loc), message)
+        for loc, message in map(render_issue, config_conflicts(None, devices))
     )
     if not problems and not devices:
         problems.append(Problem("devices", "no [devices.NAME] table in the file"))

@@ -43,7 +43,9 @@ from devmgr._paths import default_control_endpoint, default_events_endpoint
 
 # A sub-location inside the value being validated: ("type",), ("bind", 0), ("options", "x").
 Loc = tuple[str | int, ...]
-Issue = tuple[Loc, str]
+# A problem at a sub-location; a third item is a place that "{ref}" in the message names,
+# relative to the same base, so that it reads right however deep the check ran.
+Issue = tuple[Loc, str] | tuple[Loc, str, Loc]
 
 Kind = Literal["monitored_queue", "queue", "forwarder", "streamer"]
 KINDS: tuple[str, ...] = ("monitored_queue", "queue", "forwarder", "streamer")
@@ -82,11 +84,18 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {by_lower[match[0]]}?)" if match else ""
 
 
+def render_issue(issue: Issue, base: Loc = ()) -> tuple[Loc, str]:
+    """Return an issue's full location below `base` and its message with `{ref}` filled."""
+    loc, message = (*base, *issue[0]), issue[1]
+    if len(issue) == 3:
+        message = message.replace("{ref}", format_loc((*base, *issue[2])))
+    return loc, message
+
+
 def _fail(issues: list[Issue]) -> PydanticCustomError:
     """Build the error that carries several problems, each at its own sub-location."""
-    summary = "; ".join(
-        (".".join(str(p) for p in loc) + ": " if loc else "") + msg for loc, msg in issues
-    )
+    rendered = [render_issue(issue) for issue in issues]
+    summary = "; ".join((format_loc(loc) + ": " if loc else "") + msg for loc, msg in rendered)
     return PydanticCustomError("devmgr", "{summary}", {"summary": summary, "issues": issues})
 
 
@@ -592,7 +601,7 @@ def find_bind_conflicts(binds: Iterable[tuple[Loc, str]]) -> list[Issue]:
         if clash is not None:
             other_loc, other_ep = clash
             same = "is also bound" if other_ep == endpoint else f"overlaps {other_ep}, bound"
-            issues.append((loc, f"{endpoint} {same} at {format_loc(other_loc)}"))
+            issues.append((loc, f"{endpoint} {same} at {{ref}}", other_loc))
         seen.extend((loc, endpoint, key) for key in keys)
     return issues
 
