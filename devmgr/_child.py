@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import json
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import socket
@@ -66,6 +68,25 @@ def _die_with_parent(expected_parent: int) -> None:
         os._exit(0)  # the parent died between fork and prctl: nobody supervises us
 
 
+def _drop_forkserver_fds() -> None:
+    """Close the forkserver's "alive" pipe and the resource tracker's fd we inherited.
+
+    multiprocessing hands every forkserver child the write end of the pipe whose EOF
+    tells the forkserver that its clients are gone. A device holding it would keep the
+    forkserver alive after the manager died, and so never get its death signal.
+    """
+    server = multiprocessing.forkserver._forkserver
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    for owner, attr in ((server, "_forkserver_alive_fd"), (tracker, "_fd")):
+        fd = getattr(owner, attr, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            setattr(owner, attr, None)
+
+
 def _build(ctx: zmq.Context[zmq.Socket[bytes]], side: str, plan: SocketPlan) -> zmq.Socket[bytes]:
     sock = ctx.socket(plan.zmq_type)
     where = f"{side}.options"
@@ -97,6 +118,7 @@ class _StartFailure(Exception):
 def main(plan: DevicePlan, ctrl_endpoint: str, expected_parent: int) -> None:
     """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
     _die_with_parent(expected_parent)
+    _drop_forkserver_fds()
     # Ctrl-C in a terminal reaches the whole process group; the manager decides and
     # drains us through the control socket, so the device ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -32,6 +32,7 @@ import zmq
 from devmgr import _child
 from devmgr._errors import ControlError
 from devmgr._loop import EventLoop, Timer
+from devmgr._spawn import DeviceProcess
 from devmgr._spec import DeviceSpec, SocketSpec
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
 
@@ -341,7 +342,7 @@ class Fleet:
         dev.message = None
         dev.stats = dict(_ZERO_STATS)
         plan = device_plan(dev.spec, self.stop_timeout)
-        proc = self._mp.Process(
+        proc = DeviceProcess(
             target=_child.main,
             args=(plan, endpoint, self._forkserver_pid),
             name=f"devmgr:{dev.name}",
@@ -442,10 +443,10 @@ class Fleet:
     def _on_exit(self, dev: Device, proc: Any) -> None:
         self.loop.remove_reader(proc.sentinel)
         proc.join(0)
-        exitcode = proc.exitcode
+        exitcode, pid = proc.exitcode, proc.pid
         proc.close()
         code, sig = (None, -exitcode) if exitcode is not None and exitcode < 0 else (exitcode, None)
-        self._after_exit(dev, code, sig, pid=proc.pid if hasattr(proc, "pid") else 0)
+        self._after_exit(dev, code, sig, pid=pid)
 
     def _after_exit(self, dev: Device, code: int | None, sig: int | None, *, pid: int) -> None:
         for key in list(dev.timers):

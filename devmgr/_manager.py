@@ -391,7 +391,7 @@ class Manager:
         try:
             return parse_config(data, path=self.config.path)
         except ConfigError as exc:
-            duplicate = any("already" in p.message or "twice" in p.message for p in exc.problems)
+            duplicate = any("also bound" in p.message for p in exc.problems)
             raise ControlError("conflict" if duplicate else "invalid_spec", str(exc)) from exc
 
     def op_remove(self, name: str, done: Done) -> None:

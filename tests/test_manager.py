@@ -310,11 +310,11 @@ def _request(ctx: Any, endpoint: str, cmd: str, **args: Any) -> Any:
         sock.close()
 
 
-def _start_cli(config: Path) -> subprocess.Popen[bytes]:
+def _start_cli(config: Path, stderr: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "devmgr", "start", "-c", str(config)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
 
 
@@ -357,14 +357,14 @@ def test_manager_sigkill_leaves_no_orphans(ipc_dir: Path, ctx: Any) -> None:
 
 def test_cli_start_sigterm_exits_zero(ipc_dir: Path, ctx: Any) -> None:
     config = _write_config(ipc_dir, ["a"])
-    proc = _start_cli(config)
+    proc = _start_cli(config, stderr=subprocess.PIPE)
     try:
         (pid,) = _wait_running(ctx, f"ipc://{ipc_dir}/control", 1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(2.0 + 1.0) == 0
+        _, stderr = proc.communicate(timeout=2.0 + 1.0)  # stop_timeout + 1 s
+        assert proc.returncode == 0
         assert not psutil.pid_exists(pid)
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        assert "device.running a" in stderr
+        assert "device.running a" in stderr.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
