@@ -12,12 +12,9 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from devmgr._errors import ConfigError, ControlError, DevmgrError, ManagerUnreachable
-
-if TYPE_CHECKING:
-    import zmq
 
 PROTOCOL_VERSION = 1
 
@@ -54,8 +51,9 @@ def control_endpoint_of(config_path: str | os.PathLike[str]) -> str:
         return default_control_endpoint()
     if not isinstance(control, str):
         raise ConfigError(f"{path}: manager.control must be a string")
-    if control.startswith("ipc://") and not control.startswith("ipc:///"):
-        control = f"ipc://{(path.parent / control[len('ipc://') :]).absolute()}"
+    relative = control[len("ipc://") :]
+    if control.startswith("ipc://") and relative and not relative.startswith(("/", "@", "*")):
+        control = f"ipc://{(path.parent / relative).absolute()}"
     return control
 
 
@@ -145,6 +143,8 @@ class Client:
         timeout: seconds to wait for each reply.
         curve: `(client_secret_cert, server_public_cert)` certificate file paths, for a
             manager whose control socket uses CURVE.
+        transport: "auto" (default): a built-in ZMTP 3.0 connection on a plain socket
+            for ipc:// and tcp:// without CURVE, else pyzmq; "zmq" always uses pyzmq.
 
     Raises:
         ControlError: the manager answered with an error (`.code`, `.message`).
@@ -156,13 +156,23 @@ class Client:
         endpoint: str | None = None,
         timeout: float = 5.0,
         curve: CurvePair | None = None,
+        *,
+        transport: str = "auto",
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = float(timeout)
         self._curve_keys = _load_curve_keys(curve) if curve is not None else None
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._sock: zmq.Socket[bytes] | None = None
-        self._poller: zmq.Poller | None = None
+        from devmgr import _zmtp
+
+        # Without CURVE a plain-socket ZMTP connection saves `import zmq` (a quarter of
+        # `devmgr status`'s run time); `transport="zmq"` forces pyzmq.
+        if transport not in ("auto", "zmq", "zmtp"):
+            raise ValueError(f"transport must be auto, zmq or zmtp, not {transport!r}")
+        zmtp_ok = curve is None and _zmtp.supported(self.endpoint)
+        if transport == "zmtp" and not zmtp_ok:
+            raise ValueError(f"the zmtp transport takes no CURVE and no {self.endpoint!r}")
+        self._use_zmtp = zmtp_ok and transport != "zmq"
+        self._transport: _Transport | None = None
         # Ids start at a per-client random offset so that replies can never be mistaken
         # for those of another Client sharing the socket's history (there is none, but
         # a stale reply on a reused socket must not match a new request).
@@ -184,44 +194,21 @@ class Client:
             pass
 
     def close(self) -> None:
-        """Close the socket and its context; unsent requests are dropped (linger 0)."""
+        """Close the connection; an unanswered request is dropped (linger 0)."""
         self._closed = True
-        self._drop_socket()
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
 
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-            self._poller = None
-
-    def _socket(self) -> zmq.Socket[bytes]:
-        if self._sock is not None:
-            return self._sock
+    def _connection(self) -> _Transport:
         if self._closed:
             raise DevmgrError("this Client is closed")
-        import zmq
-
-        if self._ctx is None:
-            self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._curve_keys is not None:
-            public, secret, server_public = self._curve_keys
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
-        try:
-            sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc.strerror}") from exc
-        self._sock = sock
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        return sock
+        if self._transport is None:
+            if self._use_zmtp:
+                self._transport = _ZmtpTransport(self.endpoint)
+            else:
+                self._transport = _PyzmqTransport(self.endpoint, self._curve_keys)
+        return self._transport
 
     # ---- the request -------------------------------------------------------------------
 
@@ -234,8 +221,6 @@ class Client:
             ControlError: an error reply.
             ManagerUnreachable: no reply within `timeout` (default: the client's).
         """
-        import zmq
-
         wait = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + wait
         request_id = self._next_id
@@ -244,34 +229,30 @@ class Client:
         if args:
             message["args"] = dict(args)
         payload = json.dumps(message).encode()
-        sock = self._socket()
+        transport = self._connection()
+        why = f"no reply from a devmgr manager at {self.endpoint} in {wait:g}s"
         try:
-            # DEALER queues to a pipe that exists from connect() on, so this only waits
-            # when the queue is full (a manager that stopped reading).
-            if not sock.poll(max(0.0, wait) * 1000, zmq.POLLOUT):
-                raise zmq.Again()
-            sock.send(payload, zmq.NOBLOCK)
-            assert self._poller is not None
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._poller.poll(remaining * 1000):
-                    break
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-                reply = _parse_reply(frames)
-                if reply is None or reply.get("id") != request_id:
-                    continue  # a stale or foreign reply: not ours
-                if reply.get("ok") is True:
-                    return reply.get("result")
-                error = reply.get("error")
-                if not isinstance(error, dict):
-                    raise ControlError("internal", f"malformed error reply: {reply!r}")
-                raise ControlError(str(error.get("code")), str(error.get("message", "")))
-        except zmq.Again:
-            pass
-        # Recreating the socket drops the unanswered request from its queue, so a
-        # manager that comes back later neither runs it nor answers into the next one.
-        self._drop_socket()
-        raise ManagerUnreachable(f"no reply from a devmgr manager at {self.endpoint} in {wait:g}s")
+            if transport.send(payload, deadline):
+                while True:
+                    frames = transport.recv(deadline)
+                    if frames is None:
+                        break
+                    reply = _parse_reply(frames)
+                    if reply is None or reply.get("id") != request_id:
+                        continue  # a stale or foreign reply: not ours
+                    if reply.get("ok") is True:
+                        return reply.get("result")
+                    error = reply.get("error")
+                    if not isinstance(error, dict):
+                        raise ControlError("internal", f"malformed error reply: {reply!r}")
+                    raise ControlError(str(error.get("code")), str(error.get("message", "")))
+        except _Unreachable as exc:
+            why = f"{why}: {exc}" if str(exc) else why
+        # A new connection drops the unanswered request from the queue, so a manager
+        # that comes back later neither runs it nor answers into the next request.
+        transport.close()
+        self._transport = None
+        raise ManagerUnreachable(why)
 
     # ---- one method per command ----------------------------------------------------------
 
@@ -352,3 +333,112 @@ def _parse_reply(frames: list[bytes]) -> dict[str, Any] | None:
     except ValueError:
         return None
     return reply if isinstance(reply, dict) else None
+
+
+# ---- transports ----------------------------------------------------------------------
+
+
+class _Unreachable(Exception):
+    """The transport gave up: nothing listens, the handshake failed, the peer left."""
+
+
+class _Transport:
+    def send(self, payload: bytes, deadline: float) -> bool:
+        """Send one request frame; False when the deadline passed first."""
+        raise NotImplementedError
+
+    def recv(self, deadline: float) -> list[bytes] | None:
+        """Return the next message, or None when the deadline passed first."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _ZmtpTransport(_Transport):
+    """A DEALER on a plain socket (devmgr._zmtp): no pyzmq import, no I/O thread."""
+
+    def __init__(self, endpoint: str) -> None:
+        from devmgr._zmtp import ZmtpDealer
+
+        self._dealer = ZmtpDealer(endpoint)
+
+    def send(self, payload: bytes, deadline: float) -> bool:
+        from devmgr._zmtp import ConnectionLost, ZmtpError, ZmtpTimeout
+
+        try:
+            # A manager that restarted since the last request closed our connection.
+            if self._dealer.connected and self._dealer.peer_closed():
+                self._dealer.close()
+            if not self._dealer.connected:
+                self._dealer.connect(deadline)
+            self._dealer.send([payload], deadline)
+        except ZmtpTimeout:
+            return False
+        except ZmtpError as exc:
+            raise _Unreachable(str(exc)) from exc
+        except (ConnectionLost, OSError) as exc:
+            raise _Unreachable(f"connection lost: {exc}") from exc
+        return True
+
+    def recv(self, deadline: float) -> list[bytes] | None:
+        from devmgr._zmtp import ConnectionLost, ZmtpTimeout
+
+        try:
+            return self._dealer.recv(deadline)
+        except ZmtpTimeout:
+            return None
+        except (ConnectionLost, OSError) as exc:
+            raise _Unreachable(f"connection lost: {exc}") from exc
+
+    def close(self) -> None:
+        self._dealer.close()
+
+
+class _PyzmqTransport(_Transport):
+    """A pyzmq DEALER (used for CURVE and for endpoints the ZMTP transport does not take)."""
+
+    def __init__(self, endpoint: str, curve_keys: tuple[bytes, bytes, bytes] | None) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve_keys is not None:
+            public, secret, server_public = curve_keys
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._ctx.term()
+            raise ConfigError(f"cannot connect to {endpoint!r}: {exc.strerror}") from exc
+        self._sock = sock
+
+    def send(self, payload: bytes, deadline: float) -> bool:
+        zmq = self._zmq
+        # A DEALER queues to a pipe that exists from connect() on, so this waits only
+        # when the queue is full (a manager that stopped reading).
+        wait_ms = max(0.0, deadline - time.monotonic()) * 1000
+        if not self._sock.poll(wait_ms, zmq.POLLOUT):
+            return False
+        try:
+            self._sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def recv(self, deadline: float) -> list[bytes] | None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._sock.poll(remaining * 1000, self._zmq.POLLIN):
+            return None
+        return self._sock.recv_multipart(self._zmq.NOBLOCK)
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+        if not self._ctx.closed:
+            self._ctx.term()

@@ -1,0 +1,277 @@
+"""A minimal ZMTP 3.0 DEALER (NULL mechanism) on plain sockets, for a fast-starting client.
+
+`import zmq` costs `devmgr status` about a quarter of its run time, for one request
+and one reply. This speaks just enough of ZMTP 3.0 (https://rfc.zeromq.org/spec/23/)
+to talk to the manager's ROUTER over ipc:// or tcp://: the greeting, the READY command
+with Socket-Type DEALER, and framed messages. Everything is blocking with deadlines;
+there is no queueing, no reconnection in the background and no CURVE (CURVE clients
+use pyzmq). Libzmq accepts a 3.0 peer and speaks 3.0 back.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+# signature (0xFF, 8 padding bytes, 0x7F), version 3.0, mechanism "NULL", as-server 0
+GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\x00")
+GREETING += b"\x00" * 32
+
+_MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
+_RETRY_INTERVAL = 0.02  # between connection attempts while the manager is not there yet
+
+
+class ZmtpError(Exception):
+    """The peer is not a ZMTP 3 NULL endpoint we can talk to (message says why)."""
+
+
+class ZmtpTimeout(Exception):
+    """The deadline passed before the operation finished."""
+
+
+class ConnectionLost(Exception):
+    """The peer closed the connection."""
+
+
+def supported(endpoint: str) -> bool:
+    """Return True for the endpoint forms this module can connect to."""
+    try:
+        _address(endpoint)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(endpoint: str) -> tuple[int, object]:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not path or path == "*":
+            raise ValueError(endpoint)
+        # libzmq maps a leading "@" to Linux's abstract namespace
+        return socket.AF_UNIX, ("\0" + path[1:]) if path.startswith("@") else path
+    if endpoint.startswith("tcp://"):
+        host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+        if not sep or not port.isdigit() or not host or ";" in host or host == "*":
+            raise ValueError(endpoint)
+        if host.startswith("[") and host.endswith("]"):
+            return socket.AF_INET6, (host[1:-1], int(port))
+        return socket.AF_INET, (host, int(port))
+    raise ValueError(endpoint)
+
+
+def _command(name: bytes, body: bytes) -> bytes:
+    payload = bytes([len(name)]) + name + body
+    if len(payload) > 255:
+        return struct.pack(">BQ", _COMMAND | _LONG, len(payload)) + payload
+    return struct.pack(">BB", _COMMAND, len(payload)) + payload
+
+
+def _property(name: bytes, value: bytes) -> bytes:
+    return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+
+
+def _parse_properties(data: bytes) -> dict[bytes, bytes]:
+    props: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        name_len = data[pos]
+        name = data[pos + 1 : pos + 1 + name_len]
+        pos += 1 + name_len
+        (value_len,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        props[name.lower()] = data[pos : pos + value_len]
+        pos += value_len
+    return props
+
+
+class ZmtpDealer:
+    """One ZMTP connection to a ROUTER, used as a DEALER."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._family, self._address = _address(endpoint)
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+
+    # ---- connection ----------------------------------------------------------------
+
+    def connect(self, deadline: float) -> None:
+        """Connect and handshake, retrying while nothing listens, until `deadline`.
+
+        Raises:
+            ZmtpTimeout: no handshake by the deadline.
+            ZmtpError: the peer wants another mechanism (CURVE) or is not ZMTP 3.
+        """
+        while True:
+            sock = socket.socket(self._family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.connect(self._address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() + _RETRY_INTERVAL >= deadline:
+                    raise ZmtpTimeout(f"nothing listens at {self.endpoint}") from None
+                time.sleep(_RETRY_INTERVAL)
+                continue
+            except TimeoutError:
+                sock.close()
+                raise ZmtpTimeout(f"cannot connect to {self.endpoint}") from None
+            except OSError:
+                sock.close()
+                raise
+            break
+        if self._family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        try:
+            self._handshake(deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, deadline: float) -> None:
+        self._sendall(GREETING, deadline)
+        peer = self._read_exact(64, deadline)
+        if peer[0] != 0xFF or not peer[9] & 0x01 or peer[10] < 3:
+            raise ZmtpError(f"{self.endpoint} does not speak ZMTP 3")
+        mechanism = peer[12:32].rstrip(b"\x00")
+        if mechanism != b"NULL":
+            raise ZmtpError(
+                f"{self.endpoint} requires the {mechanism.decode(errors='replace')} mechanism"
+            )
+        ready = _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
+        self._sendall(_command(b"READY", ready), deadline)
+        while True:
+            flags, body = self._read_frame(deadline)
+            if not flags & _COMMAND:
+                raise ZmtpError(f"{self.endpoint} sent a message before READY")
+            name = body[1 : 1 + body[0]]
+            if name == b"READY":
+                props = _parse_properties(bytes(body[1 + body[0] :]))
+                if props.get(b"socket-type") not in (b"ROUTER", b"DEALER", b"REP"):
+                    kind = props.get(b"socket-type", b"?").decode(errors="replace")
+                    raise ZmtpError(f"{self.endpoint} is a {kind} socket, not a ROUTER")
+                return
+            if name == b"ERROR":
+                reason = bytes(body[2 + body[0] :]).decode(errors="replace")
+                raise ZmtpError(f"{self.endpoint} refused the connection: {reason}")
+
+    # ---- messages ------------------------------------------------------------------
+
+    def send(self, frames: list[bytes], deadline: float) -> None:
+        """Send one message (a list of frames)."""
+        out = bytearray()
+        for i, frame in enumerate(frames):
+            more = _MORE if i < len(frames) - 1 else 0
+            if len(frame) > 255:
+                out += struct.pack(">BQ", more | _LONG, len(frame))
+            else:
+                out += struct.pack(">BB", more, len(frame))
+            out += frame
+        self._sendall(bytes(out), deadline)
+
+    def recv(self, deadline: float) -> list[bytes]:
+        """Return the next message, answering PING commands on the way.
+
+        Raises:
+            ZmtpTimeout: no whole message by the deadline.
+            ConnectionLost: the peer closed the connection.
+        """
+        frames: list[bytes] = []
+        while True:
+            flags, body = self._read_frame(deadline)
+            if flags & _COMMAND:
+                name = body[1 : 1 + body[0]]
+                if name == b"PING" and len(body) >= 1 + body[0] + 2:
+                    # PING carries a TTL (2 bytes) then a context that PONG echoes
+                    context = bytes(body[1 + body[0] + 2 :])
+                    self._sendall(_command(b"PONG", context), deadline)
+                continue
+            frames.append(bytes(body))
+            if not flags & _MORE:
+                return frames
+
+    def peer_closed(self) -> bool:
+        """Return True when the peer has closed the connection (checked without waiting)."""
+        if self._sock is None:
+            return True
+        if self._buffer:
+            return False
+        try:
+            self._sock.setblocking(False)
+            try:
+                data = self._sock.recv(65536)
+            finally:
+                self._sock.setblocking(True)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        self._buffer += data  # a stale reply or a command: keep it for recv()
+        return False
+
+    # ---- bytes on the wire ---------------------------------------------------------
+
+    def _sendall(self, data: bytes, deadline: float) -> None:
+        assert self._sock is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ZmtpTimeout("deadline passed")
+        self._sock.settimeout(remaining)
+        try:
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise ZmtpTimeout("send timed out") from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ConnectionLost(str(exc)) from None
+
+    def _fill(self, size: int, deadline: float) -> None:
+        assert self._sock is not None
+        while len(self._buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ZmtpTimeout("receive timed out")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(max(65536, size - len(self._buffer)))
+            except TimeoutError:
+                raise ZmtpTimeout("receive timed out") from None
+            except ConnectionResetError as exc:
+                raise ConnectionLost(str(exc)) from None
+            if not chunk:
+                raise ConnectionLost(f"{self.endpoint} closed the connection")
+            self._buffer += chunk
+
+    def _read_exact(self, size: int, deadline: float) -> bytes:
+        self._fill(size, deadline)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _read_frame(self, deadline: float) -> tuple[int, bytes]:
+        self._fill(2, deadline)
+        flags = self._buffer[0]
+        if flags & _LONG:
+            self._fill(9, deadline)
+            (size,) = struct.unpack_from(">Q", self._buffer, 1)
+            header = 9
+        else:
+            size = self._buffer[1]
+            header = 2
+        self._fill(header + size, deadline)
+        body = bytes(self._buffer[header : header + size])
+        del self._buffer[: header + size]
+        return flags, body
