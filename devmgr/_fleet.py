@@ -155,7 +155,8 @@ class Fleet:
         """
         self._mp.set_forkserver_preload(["devmgr._child"])
         multiprocessing.forkserver.ensure_running()
-        self._forkserver_pid = multiprocessing.forkserver._forkserver._forkserver_pid or 0
+        server = multiprocessing.forkserver._forkserver
+        self._forkserver_pid = getattr(server, "_forkserver_pid", None) or 0
         self._health_timer = self.loop.call_later(self.health_interval, self._health_tick)
 
     def add_device(self, spec: DeviceSpec) -> Device:
@@ -357,6 +358,7 @@ class Fleet:
             self._act(dev, dev.sup.spawn_failed(str(exc)))
             return
         dev.proc = proc
+        assert proc.pid is not None  # set by start()
         dev.sup.spawned(proc.pid)
         try:
             dev.ps = psutil.Process(proc.pid)

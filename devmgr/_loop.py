@@ -130,12 +130,7 @@ class EventLoop:
                 timeout_ms = max(0, int((timers[0][0] - self.clock()) * 1000) + 1)
             else:
                 timeout_ms = None
-            try:
-                events = poller.poll(timeout_ms)
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR:  # pragma: no cover - pyzmq retries EINTR
-                    continue
-                raise
+            events = poller.poll(timeout_ms)  # pyzmq retries EINTR itself
             for sock, _ in events:
                 handler = handlers.get(sock)
                 if handler is not None:

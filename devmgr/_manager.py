@@ -242,10 +242,8 @@ class Manager:
         in_main = threading.current_thread() is threading.main_thread()
         previous: dict[int, Any] = {}
         if in_main:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous[signum] = signal.signal(
-                    signum, lambda s, f: self._shutdown_requested.set()
-                )
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda s, f: self._shutdown_requested.set())
         try:
             self.start()
             while not self._shutdown_requested.wait(0.5):
@@ -253,8 +251,8 @@ class Manager:
                     break
         finally:
             self.stop()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def request_shutdown(self) -> None:
         """Ask run() to return (as SIGTERM does); stop() when not running in run()."""
@@ -525,14 +523,15 @@ def _log_event(event: dict[str, Any]) -> None:
         value = event.get(key)
         if value is None:
             continue
+        text = str(value)
         if key == "signal":
             try:
-                value = f"{value} ({signal.Signals(value).name})"
+                text = f"{value} ({signal.Signals(value).name})"
             except ValueError:
                 pass
-        if key == "delay":
-            value = f"{value}s"
-        parts.append(f"{key}={value}")
+        elif key == "delay":
+            text = f"{value}s"
+        parts.append(f"{key}={text}")
     level = logging.WARNING if topic in ("device.exited", "device.unhealthy") else logging.INFO
     if topic == "device.fatal":
         level = logging.ERROR
