@@ -17,6 +17,10 @@ import pytest
 
 T = TypeVar("T")
 
+# Subprocesses such as `python -m devmgr` must import the installed package, not the
+# source folder they happen to start in (which has no compiled core after `pip install .`).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def wait_until(
     predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.005, what: str = ""
