@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,6 +64,8 @@ class RunResult:
     received: int = 0
     monitor_received: int = 0
     send_rate: float | None = None
+    cpu_per_msg_ns: float | None = None
+    load_cpu_per_msg_ns: float | None = None
     error: str | None = None
 
 
@@ -75,6 +78,8 @@ class Summary:
     rates: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     monitor_fraction: list[float] = field(default_factory=list)
+    cpu_per_msg_ns: list[float] = field(default_factory=list)
+    load_cpu_per_msg_ns: list[float] = field(default_factory=list)
 
     def as_dict(self, baseline: Summary | None) -> dict[str, Any]:
         """Return the JSON form: rates, median, min, max and the ratio to the baseline."""
@@ -94,6 +99,14 @@ class Summary:
                 if self.monitor_fraction
                 else None
             ),
+            "device_cpu_ns_per_msg": (
+                round(statistics.median(self.cpu_per_msg_ns)) if self.cpu_per_msg_ns else None
+            ),
+            "load_cpu_ns_per_msg": (
+                round(statistics.median(self.load_cpu_per_msg_ns))
+                if self.load_cpu_per_msg_ns
+                else None
+            ),
             "errors": self.errors,
         }
 
@@ -107,9 +120,14 @@ def _describe(exc: BaseException) -> str:
 # --- child processes -----------------------------------------------------------------
 
 
-def _device_main(contender: str, endpoints: dict[str, str], conn: Connection) -> None:
+def _device_main(
+    contender: str, endpoints: dict[str, str], conn: Connection, cpus: set[int] | None
+) -> None:
     """Run one contender's device loop in this (child) process until it is killed."""
     import zmq
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     try:
         if contender == "devmgr":
@@ -174,9 +192,20 @@ def _warm_up(zmq: Any, push: Any, pull: Any, sub: Any, *, size: int, deadline: f
         sub.recv_multipart()
 
 
-def _load_main(endpoints: dict[str, str], count: int, size: int, conn: Connection) -> None:
+def _own_cpu_seconds() -> float:
+    """Return the CPU time (user + system, every thread) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_main(
+    endpoints: dict[str, str], count: int, size: int, conn: Connection, cpus: set[int] | None
+) -> None:
     """Drive one timed run from this (child) process; send the figures back on `conn`."""
     import zmq
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     from devmgr import _loadgen
 
@@ -198,7 +227,8 @@ def _load_main(endpoints: dict[str, str], count: int, size: int, conn: Connectio
 
         _warm_up(zmq, push, pull, sub, size=size, deadline=time.monotonic() + _START_TIMEOUT)
 
-        results: dict[str, tuple[int, ...]] = {}
+        results: dict[str, Any] = {}
+        cpu_before = _own_cpu_seconds()
         sink = threading.Thread(
             target=lambda: results.setdefault("sink", _loadgen.sink(pull, count, _STALL_TIMEOUT))
         )
@@ -213,6 +243,7 @@ def _load_main(endpoints: dict[str, str], count: int, size: int, conn: Connectio
         sink.join()
         stop_tx.send(b"")
         monitor.join()
+        results["cpu_s"] = _own_cpu_seconds() - cpu_before
         conn.send(("done", results))
     except BaseException as exc:
         conn.send(("error", _describe(exc)))
@@ -257,18 +288,42 @@ def _recv_within(conn: Connection, proc: BaseProcess, timeout: float) -> tuple[s
     return ("error", f"timed out after {timeout:.0f} s")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """Return the CPU time (user + system, every thread) a process has used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _pinning(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """Return the CPUs for the device and for the load, or (None, None) to leave them be."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
 def run_once(
-    contender: str, *, size: int, count: int, transport: str, folder: str, run: int
+    contender: str,
+    *,
+    size: int,
+    count: int,
+    transport: str,
+    folder: str,
+    run: int,
+    pin: bool = False,
 ) -> RunResult:
     """Time one contender forwarding `count` messages of `size` bytes; never hang."""
     mp = multiprocessing.get_context("spawn")
     result = RunResult(contender, size)
+    device_cpus, load_cpus = _pinning(pin)
     device = load = None
     try:
         dev_rx, dev_tx = mp.Pipe(duplex=False)
         device = mp.Process(
             target=_device_main,
-            args=(contender, _endpoints(transport, folder, run), dev_tx),
+            args=(contender, _endpoints(transport, folder, run), dev_tx, device_cpus),
             name=f"bench-{contender}",
             daemon=True,
         )
@@ -278,31 +333,31 @@ def run_once(
         if kind != "ready":
             result.error = f"device: {detail}"
             return result
+        cpu_before = _cpu_seconds(device.pid or 0)
 
         load_rx, load_tx = mp.Pipe(duplex=False)
         load = mp.Process(
-            target=_load_main, args=(detail, count, size, load_tx), name="bench-load", daemon=True
+            target=_load_main,
+            args=(detail, count, size, load_tx, load_cpus),
+            name="bench-load",
+            daemon=True,
         )
         load.start()
         load_tx.close()
-        deadline = time.monotonic() + _START_TIMEOUT + 2 * _STALL_TIMEOUT + count / _FLOOR_RATE
-        while True:
-            ready = multiprocessing.connection.wait(
-                [load_rx, dev_rx, device.sentinel], max(0.0, deadline - time.monotonic())
-            )
-            if load_rx in ready:
-                kind, detail = _recv_within(load_rx, load, 0)
-                break
-            if dev_rx in ready or device.sentinel in ready:
-                _, why = _recv_within(dev_rx, device, 0)
-                result.error = f"device: {why}"
-                return result
-            if not ready:
-                result.error = "timed out: the run did not finish (device stuck?)"
-                return result
+        timeout = _START_TIMEOUT + 2 * _STALL_TIMEOUT + count / _FLOOR_RATE
+        ready = multiprocessing.connection.wait([load_rx, dev_rx, device.sentinel], timeout)
+        if load_rx not in ready:
+            if ready:
+                result.error = f"device: {_recv_within(dev_rx, device, 0)[1]}"
+            else:
+                result.error = f"timed out after {timeout:.0f} s (device stuck?)"
+            return result
+        kind, detail = _recv_within(load_rx, load, 0)
         if kind != "done":
             result.error = f"load: {detail}"
             return result
+        result.cpu_per_msg_ns = (_cpu_seconds(device.pid or 0) - cpu_before) / count * 1e9
+        result.load_cpu_per_msg_ns = detail["cpu_s"] / count * 1e9
         received, _, first, last = detail["sink"]
         sent, send_first, send_last = detail["send"]
         result.received = received
@@ -326,9 +381,15 @@ def run_bench(
     transport: str,
     repeat: int,
     contenders: Sequence[str],
+    pin: bool = False,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Run every contender `repeat` times per size, alternating; return the JSON report."""
+    """Run every contender `repeat` times per size, alternating; return the JSON report.
+
+    With `pin`, each device runs on the first CPU and the load on the others, which
+    steadies the figures on a small machine (and makes each device pay for its own
+    I/O thread on its one CPU).
+    """
     summaries = {(c, s): Summary(c, s) for s in sizes for c in contenders}
     run = 0
     with tempfile.TemporaryDirectory(prefix="dmb-", dir="/tmp") as folder:
@@ -343,11 +404,16 @@ def run_bench(
                         transport=transport,
                         folder=folder,
                         run=run,
+                        pin=pin,
                     )
                     summary = summaries[(contender, size)]
                     if res.rate is not None:
                         summary.rates.append(res.rate)
                         summary.monitor_fraction.append(res.monitor_received / count)
+                        if res.cpu_per_msg_ns is not None:
+                            summary.cpu_per_msg_ns.append(res.cpu_per_msg_ns)
+                        if res.load_cpu_per_msg_ns is not None:
+                            summary.load_cpu_per_msg_ns.append(res.load_cpu_per_msg_ns)
                     else:
                         summary.errors.append(res.error or "no rate")
                     if progress is not None:
@@ -375,6 +441,7 @@ def run_bench(
             "transport": transport,
             "sizes": list(sizes),
             "contenders": list(contenders),
+            "pinned": pin and len(os.sched_getaffinity(0)) > 1,
             "topology": "PUSH -> device(PULL in, PUSH out, PUB monitor) -> PULL; SUB on monitor",
             "timing": TIMING_NOTE,
             "cpus": os.cpu_count(),
@@ -392,7 +459,8 @@ def format_table(report: dict[str, Any]) -> str:
     setup = report["setup"]
     lines = [
         f"devmgr bench: {setup['transport']}, {setup['count']:,} messages per run, "
-        f"{setup['repeat']} runs per contender (alternating), {setup['cpus']} CPUs",
+        f"{setup['repeat']} runs per contender (alternating), {setup['cpus']} CPUs"
+        + (", device pinned to one CPU and load to the rest" if setup["pinned"] else ""),
         f"timing: {setup['timing']}",
     ]
     ratio_key = f"ratio_to_{BASELINE}"
@@ -400,7 +468,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{block['size']} B messages")
         lines.append(
-            f"  {'contender':<24}{'median msg/s':>14}  {'min-max msg/s':<23}{'vs ' + BASELINE:>12}"
+            f"  {'contender':<24}{'median msg/s':>14}  {'min-max msg/s':<23}"
+            f"{'vs ' + BASELINE:>14}{'device CPU/msg':>16}"
         )
         for name, row in block["contenders"].items():
             if row["median"] is None:
@@ -411,7 +480,11 @@ def format_table(report: dict[str, Any]) -> str:
             span = f"{row['min']:,}-{row['max']:,}"
             ratio = f"{row[ratio_key]:.2f}x" if row[ratio_key] is not None else "-"
             failed = f"  ({len(row['errors'])} failed)" if row["errors"] else ""
-            lines.append(f"  {name:<24}{row['median']:>14,}  {span:<23}{ratio:>12}{failed}")
+            cpu = row["device_cpu_ns_per_msg"]
+            cpu_text = f"{cpu:,} ns" if cpu is not None else "-"
+            lines.append(
+                f"  {name:<24}{row['median']:>14,}  {span:<23}{ratio:>14}{cpu_text:>16}{failed}"
+            )
     return "\n".join(lines)
 
 

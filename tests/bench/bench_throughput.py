@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each device on the first CPU and the load on the others",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         transport=args.transport,
         repeat=args.repeat,
         contenders=contenders,
+        pin=args.pin,
         progress=sys.stderr,
     )
     report["setup"]["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
