@@ -14,7 +14,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from devmgr._spec import (
     did_you_mean,
     format_loc,
     render_issue,
+    safe_text,
 )
 
 CONFIG_ENV = "DEVMGR_CONFIG"
@@ -59,6 +60,11 @@ _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def _invalid(problems: Iterable[Problem]) -> ConfigError:
+    """Build the ConfigError, in text UTF-8 can carry (JSON may hold lone surrogates)."""
+    return ConfigError([Problem(safe_text(p.where), safe_text(p.message)) for p in problems])
 
 
 def _describe(value: object) -> str:
@@ -234,7 +240,7 @@ def parse_config(data: object, *, path: Path | None = None) -> ManagerConfig:
         ConfigError: with every problem found.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError([Problem("", f"a config is a table, got {_describe(data)}")])
+        raise _invalid([Problem("", f"a config is a table, got {_describe(data)}")])
     base_dir = path.parent if path is not None else None
     problems: list[Problem] = [
         Problem(
@@ -261,11 +267,11 @@ def parse_config(data: object, *, path: Path | None = None) -> ManagerConfig:
         for loc, message in map(render_issue, config_conflicts(manager, devices))
     )
     if problems or manager is None:
-        raise ConfigError(problems)
+        raise _invalid(problems)
     try:
         return ManagerConfig(manager=manager, devices=devices, path=path)
     except ValidationError as exc:  # pragma: no cover - the checks above cover these rules
-        raise ConfigError(problems_from(exc, ManagerConfig)) from None
+        raise _invalid(problems_from(exc, ManagerConfig)) from None
 
 
 def _devices(raw: object, base_dir: Path | None) -> tuple[dict[str, DeviceSpec], list[Problem]]:
@@ -291,7 +297,7 @@ def parse_device(
     """
     spec, problems = _device(data, name, base_dir)
     if spec is None:
-        raise ConfigError(problems or [Problem("", "not a valid device")])
+        raise _invalid(problems or [Problem("", "not a valid device")])
     return spec
 
 
@@ -299,11 +305,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError([Problem("", f"{path}: no such file")]) from None
+        raise _invalid([Problem("", f"{path}: no such file")]) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([Problem("", f"{path}: not UTF-8 text ({exc.reason})")]) from None
+        raise _invalid([Problem("", f"{path}: not UTF-8 text ({exc.reason})")]) from None
     except OSError as exc:
-        raise ConfigError([Problem("", f"{path}: cannot read: {exc.strerror}")]) from None
+        raise _invalid([Problem("", f"{path}: cannot read: {exc.strerror}")]) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -315,7 +321,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             reason = message.replace(" (at end of document)", "")
             place = f"line {text.count(chr(10)) + 1} (end of file)"
-        raise ConfigError([Problem("", f"{path}: {place}: invalid TOML: {reason}")]) from None
+        raise _invalid([Problem("", f"{path}: {place}: invalid TOML: {reason}")]) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> ManagerConfig:
@@ -351,7 +357,7 @@ def parse_devices_file(path: str | os.PathLike[str]) -> list[DeviceSpec]:
     if not problems and not devices:
         problems.append(Problem("devices", "no [devices.NAME] table in the file"))
     if problems:
-        raise ConfigError(problems)
+        raise _invalid(problems)
     return list(devices.values())
 
 

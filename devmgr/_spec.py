@@ -92,11 +92,27 @@ def render_issue(issue: Issue, base: Loc = ()) -> tuple[Loc, str]:
     return loc, message
 
 
+def safe_text(text: str) -> str:
+    """Escape what UTF-8 cannot carry (lone surrogates from JSON), so messages print."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error(message: str) -> PydanticCustomError:
+    """Build the error for one problem at the value being validated."""
+    return PydanticCustomError("devmgr", "{summary}", {"summary": safe_text(message)})
+
+
 def _fail(issues: list[Issue]) -> PydanticCustomError:
     """Build the error that carries several problems, each at its own sub-location."""
-    rendered = [render_issue(issue) for issue in issues]
+    clean: list[Issue] = [
+        (issue[0], safe_text(issue[1]), issue[2])
+        if len(issue) == 3
+        else (issue[0], safe_text(issue[1]))
+        for issue in issues
+    ]
+    rendered = [render_issue(issue) for issue in clean]
     summary = "; ".join((format_loc(loc) + ": " if loc else "") + msg for loc, msg in rendered)
-    return PydanticCustomError("devmgr", "{summary}", {"summary": summary, "issues": issues})
+    return PydanticCustomError("devmgr", "{summary}", {"summary": summary, "issues": clean})
 
 
 def _show(value: object) -> str:
@@ -478,6 +494,8 @@ def _check_port(port: str, *, bind: bool) -> str | None:
 
 def check_endpoint(endpoint: str, *, bind: bool) -> str | None:
     """Check one endpoint as libzmq would read it; return a problem or None."""
+    if safe_text(endpoint) != endpoint:
+        return f"{_show(endpoint)} holds characters UTF-8 cannot encode"
     if not endpoint or endpoint != endpoint.strip() or any(c.isspace() for c in endpoint):
         return f"{_show(endpoint)} is not an endpoint: it is empty or contains spaces"
     transport, sep, address = endpoint.partition("://")
@@ -614,7 +632,7 @@ def format_loc(loc: Iterable[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            name = "in" if part == "in_" else part
+            name = "in" if part == "in_" else safe_text(str(part))
             out += f".{name}" if out else name
     return out
 
@@ -678,13 +696,8 @@ def _choice_before(choices: tuple[str, ...], what: str) -> Any:
 
     def check(value: object) -> object:
         if isinstance(value, str) and value not in choices:
-            raise PydanticCustomError(
-                "devmgr",
-                "{summary}",
-                {
-                    "summary": f"{value!r} is not a {what}{did_you_mean(value, choices)}; "
-                    f"expected {_or(choices)}"
-                },
+            raise _error(
+                f"{value!r} is not a {what}{did_you_mean(value, choices)}; expected {_or(choices)}"
             )
         return value
 
@@ -711,7 +724,18 @@ class SocketSpec(BaseModel):
         default_factory=dict,
         description="socket options by pyzmq's lower-case name (sndhwm, linger, subscribe, "
         "routing_id, ...); bytes options take UTF-8 strings, subscribe also a list",
-        json_schema_extra={"propertyNames": {"enum": list(SETTABLE_OPTIONS)}},
+        # The schema describes input: on/off options may also be written true/false.
+        json_schema_extra={
+            "propertyNames": {"enum": list(SETTABLE_OPTIONS)},
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "boolean"},
+                    {"type": "integer"},
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}},
+                ]
+            },
+        },
     )
 
     @field_validator("type", mode="after")
@@ -725,7 +749,7 @@ class SocketSpec(BaseModel):
         else:
             choices = [n for n in SOCKET_TYPES if SOCKET_TYPES[n] == n]
             message = f"{value!r} is not a ZeroMQ socket type{did_you_mean(value, choices)}"
-        raise PydanticCustomError("devmgr", "{summary}", {"summary": message})
+        raise _error(message)
 
     @field_validator("bind", "connect", mode="after")
     @classmethod
@@ -877,13 +901,9 @@ class HealthSpec(BaseModel):
 
 def _name(value: str) -> str:
     if not DEVICE_NAME_RE.match(value):
-        raise PydanticCustomError(
-            "devmgr",
-            "{summary}",
-            {
-                "summary": f"{_show(value)} is not a device name: use 1 to 64 letters, digits, "
-                "'_' or '-', not starting with '-'"
-            },
+        raise _error(
+            f"{_show(value)} is not a device name: use 1 to 64 letters, digits, "
+            "'_' or '-', not starting with '-'"
         )
     return value
 
@@ -956,13 +976,9 @@ class DeviceSpec(BaseModel):
         kind = info.data.get("kind")
         default = "in" if info.field_name == "in_prefix" else "out"
         if kind is not None and kind != "monitored_queue" and value != default:
-            raise PydanticCustomError(
-                "devmgr",
-                "{summary}",
-                {
-                    "summary": f"a {kind} has no monitor, so no prefixes: only a "
-                    f"monitored_queue has {info.field_name}"
-                },
+            raise _error(
+                f"a {kind} has no monitor, so no prefixes: only a "
+                f"monitored_queue has {info.field_name}"
             )
         if not value:
             raise PydanticCustomError(
@@ -971,9 +987,7 @@ class DeviceSpec(BaseModel):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise PydanticCustomError(
-                "devmgr", "{summary}", {"summary": f"{_show(value)} cannot be encoded as UTF-8"}
-            ) from None
+            raise _error(f"{_show(value)} cannot be encoded as UTF-8") from None
         return value
 
     @model_validator(mode="after")
@@ -1093,7 +1107,7 @@ class ManagerSettings(BaseModel):
         if problem is None and endpoint_is_ipv6(value):
             problem = "devmgr binds its own endpoints without the ipv6 option: use IPv4 or ipc"
         if problem:
-            raise PydanticCustomError("devmgr", "{summary}", {"summary": problem})
+            raise _error(problem)
         return value
 
     @field_validator("metrics", mode="after")
@@ -1101,7 +1115,7 @@ class ManagerSettings(BaseModel):
     def _metrics(cls, value: str | None) -> str | None:
         problem = None if value is None else check_metrics(value)
         if problem:
-            raise PydanticCustomError("devmgr", "{summary}", {"summary": problem})
+            raise _error(problem)
         return value
 
     @model_validator(mode="after")
