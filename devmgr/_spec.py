@@ -151,27 +151,24 @@ _DRAFT_SOCKET_TYPES = {
 _OptType = type(zmq.SocketOption.LINGER._opt_type)
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+OptionValue = int | str | list[str]
 
-_READ_ONLY = {"rcvmore", "fd", "events", "type", "last_endpoint", "mechanism", "thread_safe"}
-_DRAFT_OPTIONS = {
-    "metadata",
-    "router_notify",
-    "in_batch_size",
-    "out_batch_size",
-    "hello_msg",
-    "disconnect_msg",
-    "priority",
-    "busy_poll",
-    "hiccup_msg",
-    "xsub_verbose_unsubscribe",
-    "topics_count",
-}
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_READ_ONLY = _words("rcvmore fd events type last_endpoint mechanism thread_safe")
+_DRAFT_OPTIONS = _words(
+    "metadata router_notify in_batch_size out_batch_size hello_msg disconnect_msg priority "
+    "busy_poll hiccup_msg xsub_verbose_unsubscribe topics_count"
+)
 
 
 def _unavailable_reason(name: str) -> str | None:
     """Say why this libzmq build refuses option `name` on every socket, else None.
 
-    Checked against the bundled libzmq 4.3.5 by tests/test_spec_options.py.
+    Checked against the real libzmq by tests/test_spec.py.
     """
     if name in _READ_ONLY:
         return f"{name} is read-only: it cannot be set"
@@ -179,20 +176,17 @@ def _unavailable_reason(name: str) -> str | None:
         return "hwm is ZeroMQ 2's option: set sndhwm and rcvhwm instead"
     if name == "blocky":
         return "blocky is a context option, not a socket option"
-    if name.startswith("gssapi") and not zmq.has("gssapi"):
-        return f"{name} needs GSSAPI, which this libzmq was built without"
-    if name.startswith("norm_") and not zmq.has("norm"):
-        return f"{name} needs the NORM transport, which this libzmq was built without"
-    if name.startswith("vmci_"):
-        return f"{name} needs the VMCI transport, which this libzmq was built without"
-    if name.startswith("wss_"):
-        return f"{name} needs the WebSocket transport, which this libzmq was built without"
+    needs = {"gssapi": "GSSAPI", "norm_": "the NORM transport", "vmci_": "the VMCI transport"}
+    needs["wss_"] = "the WebSocket transport"
+    for prefix, feature in needs.items():
+        if name.startswith(prefix) and not zmq.has(prefix.rstrip("_")):
+            return f"{name} needs {feature}, which this libzmq was built without"
     if name in _DRAFT_OPTIONS and not zmq.has("draft"):
         return f"{name} is a draft option, which this libzmq was built without"
     return None
 
 
-#: Options libzmq accepts only on some socket types (from libzmq 4.3.5's setsockopt).
+#: Options libzmq accepts only on some socket types (libzmq 4.3.5's setsockopt).
 OPTION_SOCKET_TYPES: dict[str, tuple[str, ...]] = {
     "subscribe": ("SUB",),
     "unsubscribe": ("SUB",),
@@ -204,202 +198,132 @@ OPTION_SOCKET_TYPES: dict[str, tuple[str, ...]] = {
     "req_correlate": ("REQ",),
     "req_relaxed": ("REQ",),
     "stream_notify": ("STREAM",),
-    "xpub_verbose": ("PUB", "XPUB"),
-    "xpub_verboser": ("PUB", "XPUB"),
-    "xpub_nodrop": ("PUB", "XPUB"),
-    "xpub_manual": ("PUB", "XPUB"),
-    "xpub_manual_last_value": ("PUB", "XPUB"),
-    "xpub_welcome_msg": ("PUB", "XPUB"),
     "only_first_subscribe": ("PUB", "XPUB", "XSUB"),
+    **{
+        f"xpub_{name}": ("PUB", "XPUB")
+        for name in ("verbose", "verboser", "nodrop", "manual", "manual_last_value", "welcome_msg")
+    },
 }
 
-_BOOL_OPTIONS = {
-    "immediate",
-    "ipv6",
-    "ipv4only",
-    "router_mandatory",
-    "router_raw",
-    "router_handover",
-    "xpub_verbose",
-    "xpub_verboser",
-    "xpub_nodrop",
-    "xpub_manual",
-    "xpub_manual_last_value",
-    "plain_server",
-    "curve_server",
-    "probe_router",
-    "req_correlate",
-    "req_relaxed",
-    "conflate",
-    "stream_notify",
-    "invert_matching",
-    "zap_enforce_domain",
-    "loopback_fastpath",
-    "multicast_loop",
-    "only_first_subscribe",
-}
+_BOOL_OPTIONS = _words(
+    "immediate ipv6 ipv4only router_mandatory router_raw router_handover xpub_verbose "
+    "xpub_verboser xpub_nodrop xpub_manual xpub_manual_last_value plain_server curve_server "
+    "probe_router req_correlate req_relaxed conflate stream_notify invert_matching "
+    "zap_enforce_domain loopback_fastpath multicast_loop only_first_subscribe"
+)
+
+
+def _ranges(low: int, names: str, high: int = _INT_MAX) -> dict[str, tuple[int, int]]:
+    return {name: (low, high) for name in names.split()}
+
 
 #: Inclusive (min, max) of integer options where libzmq refuses part of the C range.
 _INT_RANGES: dict[str, tuple[int, int]] = {
-    "linger": (-1, _INT_MAX),
-    "sndhwm": (0, _INT_MAX),
-    "rcvhwm": (0, _INT_MAX),
-    "sndbuf": (-1, _INT_MAX),
-    "rcvbuf": (-1, _INT_MAX),
-    "rcvtimeo": (-1, _INT_MAX),
-    "sndtimeo": (-1, _INT_MAX),
-    "reconnect_ivl": (-1, _INT_MAX),
-    "reconnect_ivl_max": (0, _INT_MAX),
-    "backlog": (0, _INT_MAX),
+    **_ranges(-1, "linger sndbuf rcvbuf rcvtimeo sndtimeo reconnect_ivl use_fd"),
+    **_ranges(-1, "tcp_keepalive_cnt tcp_keepalive_idle tcp_keepalive_intvl"),
+    **_ranges(0, "sndhwm rcvhwm reconnect_ivl_max backlog tos heartbeat_ivl recovery_ivl"),
+    **_ranges(0, "heartbeat_timeout handshake_ivl connect_timeout tcp_maxrt"),
+    **_ranges(1, "rate multicast_hops multicast_maxtpdu"),
     "maxmsgsize": (-1, _INT64_MAX),
     "affinity": (0, _INT64_MAX),
     "tcp_keepalive": (-1, 1),
-    "tcp_keepalive_cnt": (-1, _INT_MAX),
-    "tcp_keepalive_idle": (-1, _INT_MAX),
-    "tcp_keepalive_intvl": (-1, _INT_MAX),
-    "tos": (0, _INT_MAX),
-    "heartbeat_ivl": (0, _INT_MAX),
     "heartbeat_ttl": (0, 6553599),
-    "heartbeat_timeout": (0, _INT_MAX),
-    "handshake_ivl": (0, _INT_MAX),
-    "connect_timeout": (0, _INT_MAX),
-    "tcp_maxrt": (0, _INT_MAX),
-    "rate": (1, _INT_MAX),
-    "recovery_ivl": (0, _INT_MAX),
-    "multicast_hops": (1, _INT_MAX),
-    "multicast_maxtpdu": (1, _INT_MAX),
-    "use_fd": (-1, _INT_MAX),
 }
 
 #: Inclusive (min, max) length in bytes of string options libzmq bounds.
 _BYTES_LENGTHS: dict[str, tuple[int, int]] = {
-    "routing_id": (1, 255),
-    "connect_routing_id": (1, 255),
+    **_ranges(1, "routing_id connect_routing_id plain_username plain_password", 255),
     "zap_domain": (0, 255),
-    "plain_username": (1, 255),
-    "plain_password": (1, 255),
     "socks_proxy": (1, 1024),
     "bindtodevice": (1, 15),
 }
 _CURVE_KEY_OPTIONS = {"curve_publickey", "curve_secretkey", "curve_serverkey"}
 _Z85_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
-
-def _option_table() -> dict[str, zmq.SocketOption]:
-    """Map every settable option name (pyzmq's, lower case, aliases too) to its constant."""
-    return {
-        name.lower(): member
-        for name, member in zmq.SocketOption.__members__.items()
-        if member._opt_type is not _OptType.fd
-    }
-
-
-SOCKET_OPTIONS: dict[str, zmq.SocketOption] = _option_table()
+#: Every option name pyzmq knows (lower case, aliases too), fd-typed ones left out.
+SOCKET_OPTIONS: dict[str, zmq.SocketOption] = {
+    name.lower(): member
+    for name, member in zmq.SocketOption.__members__.items()
+    if member._opt_type is not _OptType.fd
+}
 #: Option names a config may use: those this libzmq accepts on at least one socket type.
 SETTABLE_OPTIONS: tuple[str, ...] = tuple(
     sorted(n for n in SOCKET_OPTIONS if _unavailable_reason(n) is None)
 )
 
 
-def _is_bytes_option(name: str) -> bool:
-    return SOCKET_OPTIONS[name]._opt_type is _OptType.bytes
+class OptionProblem(ValueError):
+    """One socket option is unknown, misplaced or out of range."""
 
 
-def _check_option(
-    name: str, value: object, socket_type: str | None
-) -> tuple[str, int | str | list[str] | None, str | None]:
-    """Check one option; return (canonical name, normalised value, problem or None)."""
+def check_option(name: str, value: object, socket_type: str | None) -> tuple[str, OptionValue]:
+    """Check one option; return its canonical name and normalised value.
+
+    Raises:
+        OptionProblem: saying what is wrong and what would be right.
+    """
     if name not in SOCKET_OPTIONS:
-        return (
-            name,
-            None,
-            (
-                f"unknown socket option {name!r}{did_you_mean(name, SETTABLE_OPTIONS)}; "
-                "options are pyzmq's names in lower case, e.g. sndhwm, linger, subscribe"
-            ),
+        raise OptionProblem(
+            f"unknown socket option {name!r}{did_you_mean(name, SETTABLE_OPTIONS)}; "
+            "options are pyzmq's names in lower case, e.g. sndhwm, linger, subscribe"
         )
     reason = _unavailable_reason(name)
     if reason:
-        return name, None, reason
+        raise OptionProblem(reason)
     canonical = zmq.SocketOption(int(SOCKET_OPTIONS[name])).name.lower()
     allowed = OPTION_SOCKET_TYPES.get(canonical)
     if socket_type is not None and allowed and socket_type not in allowed:
-        return (
-            canonical,
-            None,
-            (f"{name} applies only to {_or(allowed)} sockets, not {socket_type}"),
-        )
-    if _is_bytes_option(canonical):
-        return _check_bytes_option(canonical, name, value)
-    return _check_int_option(canonical, name, value)
+        raise OptionProblem(f"{name} applies only to {_or(allowed)} sockets, not {socket_type}")
+    if SOCKET_OPTIONS[canonical]._opt_type is _OptType.bytes:
+        return canonical, _bytes_option(canonical, name, value)
+    return canonical, _int_option(canonical, name, value)
 
 
-def _check_bytes_option(
-    canonical: str, name: str, value: object
-) -> tuple[str, int | str | list[str] | None, str | None]:
+def _bytes_option(canonical: str, name: str, value: object) -> str | list[str]:
     many = canonical in ("subscribe", "unsubscribe")
     if isinstance(value, list) and many:
         if not value:
-            return (
-                canonical,
-                None,
-                (f'an empty list {name}s to nothing; use "" to subscribe to every topic'),
-            )
+            raise OptionProblem('an empty list subscribes to nothing; use "" for every topic')
         items = value
     elif isinstance(value, str):
         items = [value]
     else:
         want = "a string or a list of strings" if many else "a string"
-        return canonical, None, f"{name} takes {want}, got {_show(value)}"
+        raise OptionProblem(f"{name} takes {want}, got {_show(value)}")
     for item in items:
         if not isinstance(item, str):
-            return canonical, None, f"{name} takes strings, got {_show(item)}"
-        try:
-            raw = item.encode("utf-8")
-        except UnicodeEncodeError:
-            return canonical, None, f"{name}: {_show(item)} cannot be encoded as UTF-8"
-        if canonical in _BYTES_LENGTHS:
-            low, high = _BYTES_LENGTHS[canonical]
-            if not low <= len(raw) <= high:
-                return (
-                    canonical,
-                    None,
-                    (f"{name} must be {low} to {high} bytes long, got {len(raw)}"),
-                )
+            raise OptionProblem(f"{name} takes strings, got {_show(item)}")
+        if safe_text(item) != item:
+            raise OptionProblem(f"{name}: {_show(item)} cannot be encoded as UTF-8")
+        size = len(item.encode("utf-8"))
+        low, high = _BYTES_LENGTHS.get(canonical, (0, size))
+        if not low <= size <= high:
+            raise OptionProblem(f"{name} must be {low} to {high} bytes long, got {size}")
         if canonical in _CURVE_KEY_OPTIONS and not _Z85_RE.match(item):
-            return (
-                canonical,
-                None,
-                (f"{name} must be a 40-character Z85 key (as in a zmq.auth certificate)"),
-            )
+            raise OptionProblem(f"{name} must be a 40-character Z85 key (as zmq.auth writes)")
         if canonical == "tcp_accept_filter":
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
-                return canonical, None, f"{name} must be an IP address or network, got {item!r}"
-    normalised: str | list[str] = list(items) if isinstance(value, list) else items[0]
-    return canonical, normalised, None
+                raise OptionProblem(f"{name} must be an IP address or network") from None
+    return list(items) if isinstance(value, list) else items[0]
 
 
-def _check_int_option(
-    canonical: str, name: str, value: object
-) -> tuple[str, int | str | list[str] | None, str | None]:
+def _int_option(canonical: str, name: str, value: object) -> int:
     if canonical in _BOOL_OPTIONS:
-        if isinstance(value, bool):
-            return canonical, int(value), None
-        if isinstance(value, int) and value in (0, 1):
-            return canonical, value, None
-        return canonical, None, f"{name} takes true or false (or 1 or 0), got {_show(value)}"
+        if isinstance(value, int) and value in (0, 1):  # True and False included
+            return int(value)
+        raise OptionProblem(f"{name} takes true or false (or 1 or 0), got {_show(value)}")
     if isinstance(value, bool) or not isinstance(value, int):
-        return canonical, None, f"{name} takes an integer, got {_show(value)}"
+        raise OptionProblem(f"{name} takes an integer, got {_show(value)}")
     wide = SOCKET_OPTIONS[canonical]._opt_type is _OptType.int64
     low, high = _INT_RANGES.get(
         canonical, (_INT64_MIN, _INT64_MAX) if wide else (_INT_MIN, _INT_MAX)
     )
     if not low <= value <= high:
-        where = f"at least {low}" if high in (_INT_MAX, _INT64_MAX) else f"{low} to {high}"
-        return canonical, None, f"{name} must be {where}, got {value}"
-    return canonical, value, None
+        span = f"at least {low}" if high in (_INT_MAX, _INT64_MAX) else f"{low} to {high}"
+        raise OptionProblem(f"{name} must be {span}, got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -601,8 +525,11 @@ def _keys_conflict(a: BindKey, b: BindKey) -> bool:
 
 
 def find_bind_conflicts(binds: Iterable[tuple[Loc, str]]) -> list[Issue]:
-    """Report every bind that overlaps an earlier one (same ipc path, or tcp port with the
-    same address or a '*' on either side), at the later place."""
+    """Report every bind that overlaps an earlier one, at the later place.
+
+    Overlap: the same ipc path, or the same tcp port with the same address or a '*' on
+    either side (libzmq would fail with EADDRINUSE).
+    """
     seen: list[tuple[Loc, str, BindKey]] = []
     issues: list[Issue] = []
     for loc, endpoint in binds:
@@ -618,15 +545,14 @@ def find_bind_conflicts(binds: Iterable[tuple[Loc, str]]) -> list[Issue]:
         )
         if clash is not None:
             other_loc, other_ep = clash
-            same = "is also bound" if other_ep == endpoint else f"overlaps {other_ep}, bound"
-            issues.append((loc, f"{endpoint} {same} at {{ref}}", other_loc))
+            as_other = "" if other_ep == endpoint else f", as {other_ep},"
+            issues.append((loc, f"{endpoint} is also bound{as_other} at {{ref}}", other_loc))
         seen.extend((loc, endpoint, key) for key in keys)
     return issues
 
 
 def format_loc(loc: Iterable[str | int]) -> str:
-    """Format a location as a dotted place: ("devices", "a", "in", "bind", 0) ->
-    devices.a.in.bind[0]."""
+    """Format a location as a dotted place, e.g. `devices.a.in.bind[0]`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -772,18 +698,19 @@ class SocketSpec(BaseModel):
         if not isinstance(value, Mapping):
             return value  # pydantic reports the type error
         socket_type = SOCKET_TYPES.get(str(info.data.get("type", "")).upper())
-        normalised: dict[str, int | str | list[str]] = {}
+        normalised: dict[str, OptionValue] = {}
         issues: list[Issue] = []
         for key, raw in value.items():
             if not isinstance(key, str):
                 issues.append(((str(key),), "option names are strings"))
                 continue
-            name, checked, problem = _check_option(key, raw, socket_type)
-            if problem is None and name in normalised:
-                problem = f"{key} sets {name}, which is already set"
-            if problem is not None:
-                issues.append(((key,), problem))
-            elif checked is not None:
+            try:
+                name, checked = check_option(key, raw, socket_type)
+                if name in normalised:
+                    raise OptionProblem(f"{key} sets {name}, which is already set")
+            except OptionProblem as exc:
+                issues.append(((key,), str(exc)))
+            else:
                 normalised[name] = checked
         if issues:
             raise _fail(issues)

@@ -319,7 +319,7 @@ CASES = [
             out=sock("out", "DEALER", bind='"tcp://*:5560"'),
         ),
         "devices.b.out.bind[0]",
-        "overlaps tcp://127.0.0.1:5560",
+        "is also bound, as tcp://127.0.0.1:5560, at devices.a.out.bind[0]",
     ),
     Case(
         "dup-manager-control",
@@ -412,7 +412,7 @@ CASES = [
             out=sock("out", "PUB", bind='"tcp://127.0.0.1:5560"'),
         ),
         "devices.a.in.options.subscribe",
-        "subscribe to every topic",
+        "for every topic",
     ),
     # restart and health numbers
     Case(

@@ -21,11 +21,12 @@ from devmgr._spec import (
     DeviceSpec,
     ManagerConfig,
     ManagerSettings,
+    OptionProblem,
     RestartSpec,
     SocketSpec,
-    _check_option,
     _unavailable_reason,
     check_endpoint,
+    check_option,
 )
 
 DEVICE_TYPES = ("ROUTER", "DEALER", "PAIR", "PULL", "PUSH", "PUB", "SUB", "XPUB", "XSUB")
@@ -185,6 +186,14 @@ def _sample(name: str) -> int | str:
     }.get(name, "ab")
 
 
+def option_ok(name: str, value: object, socket_type: str) -> bool:
+    try:
+        check_option(name, value, socket_type)
+    except OptionProblem:
+        return False
+    return True
+
+
 def _libzmq_accepts(
     ctx: zmq.Context[zmq.Socket[bytes]], type_: str, name: str, value: object
 ) -> bool:
@@ -206,7 +215,7 @@ def test_option_table_agrees_with_libzmq(ctx: zmq.Context[zmq.Socket[bytes]]) ->
             continue
         value = _sample(name)
         for type_ in (*DEVICE_TYPES, "REQ", "REP", "STREAM"):
-            ours = _check_option(name, value, type_)[2] is None
+            ours = option_ok(name, value, type_)
             if ours != _libzmq_accepts(ctx, type_, name, value):
                 disagreements.append((name, type_, ours))
     assert disagreements == []
@@ -224,7 +233,7 @@ def test_option_ranges_agree_with_libzmq(ctx: zmq.Context[zmq.Socket[bytes]]) ->
         assert _libzmq_accepts(ctx, "DEALER", name, low), name
         if name not in stricter and low - 1 >= -(2**31):
             assert not _libzmq_accepts(ctx, "DEALER", name, low - 1), name
-            assert _check_option(name, low - 1, "DEALER")[2] is not None
+            assert not option_ok(name, low - 1, "DEALER")
         if high < _INT_MAX:
             assert _libzmq_accepts(ctx, "DEALER", name, high), name
             assert not _libzmq_accepts(ctx, "DEALER", name, high + 1), name
