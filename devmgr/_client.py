@@ -238,7 +238,7 @@ class Client:
                     if frames is None:
                         break
                     reply = _parse_reply(frames)
-                    if reply is None or reply.get("id") != request_id:
+                    if reply is None or not _answers(reply, request_id):
                         continue  # a stale or foreign reply: not ours
                     if reply.get("ok") is True:
                         return reply.get("result")
@@ -322,6 +322,15 @@ def _names(names: tuple[str, ...]) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"device names are strings, not {type(name).__name__}")
     return list(names)
+
+
+def _answers(reply: dict[str, Any], request_id: int) -> bool:
+    """Return True when `reply` answers the request with `request_id`."""
+    if reply.get("id") == request_id:
+        return True
+    # The manager answers a request it could not read (too large, say) with id null. As
+    # a connection is replaced after every timeout, the only request it can be is ours.
+    return reply.get("id") is None and reply.get("ok") is False
 
 
 def _parse_reply(frames: list[bytes]) -> dict[str, Any] | None:
