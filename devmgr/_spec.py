@@ -993,11 +993,13 @@ class ManagerSettings(BaseModel):
 
     control: StrictStr = Field(
         default_factory=default_control_endpoint,
+        validate_default=True,  # a long $XDG_RUNTIME_DIR can overflow sun_path
         description="ROUTER endpoint of the control protocol (default: "
         "ipc://$XDG_RUNTIME_DIR/devmgr/control, else ipc:///tmp/devmgr-$UID/control)",
     )
     events: StrictStr = Field(
         default_factory=default_events_endpoint,
+        validate_default=True,
         description="PUB endpoint of lifecycle events (default: `events` beside an ipc "
         "control; required when control is tcp)",
     )

@@ -351,3 +351,11 @@ def test_toml_example_equals_json_form() -> None:
     path = ROOT / "deploy" / "examples" / "forwarder.toml"
     data = tomllib.loads(path.read_text())
     assert parse_config(json.loads(json.dumps(data)), path=path) == load_config(path)
+
+
+def test_default_endpoints_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/tmp/" + "d" * 100)
+    with pytest.raises(ConfigError) as caught:
+        default_config()
+    assert [p.where for p in caught.value.problems] == ["manager.control", "manager.events"]
+    assert "sun_path" in caught.value.problems[0].message
