@@ -247,7 +247,7 @@ class Client:
                         raise ControlError("internal", f"malformed error reply: {reply!r}")
                     raise ControlError(str(error.get("code")), str(error.get("message", "")))
         except _Unreachable as exc:
-            why = f"{why}: {exc}" if str(exc) else why
+            why = f"no reply from a devmgr manager at {self.endpoint}: {exc}"
         # A new connection drops the unanswered request from the queue, so a manager
         # that comes back later neither runs it nor answers into the next request.
         transport.close()

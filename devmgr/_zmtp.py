@@ -141,14 +141,20 @@ class ZmtpDealer:
             raise
 
     def _handshake(self, deadline: float) -> None:
-        self._sendall(GREETING, deadline)
-        peer = self._read_exact(64, deadline)
+        # Staged as libzmq does it: signature and major version first, the rest once the
+        # peer's have arrived, so a peer that rejects our mechanism and hangs up has
+        # already sent the whole greeting that says which mechanism it wants.
+        self._sendall(GREETING[:11], deadline)
+        peer = self._read_exact(11, deadline)
         if peer[0] != 0xFF or not peer[9] & 0x01 or peer[10] < 3:
             raise ZmtpError(f"{self.endpoint} does not speak ZMTP 3")
+        self._sendall(GREETING[11:], deadline)
+        peer += self._read_exact(64 - 11, deadline)
         mechanism = peer[12:32].rstrip(b"\x00")
         if mechanism != b"NULL":
             raise ZmtpError(
-                f"{self.endpoint} requires the {mechanism.decode(errors='replace')} mechanism"
+                f"it requires the {mechanism.decode(errors='replace')} mechanism "
+                "(give the client and server certificates)"
             )
         ready = _property(b"Socket-Type", b"DEALER") + _property(b"Identity", b"")
         self._sendall(_command(b"READY", ready), deadline)
