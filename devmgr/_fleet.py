@@ -3,7 +3,7 @@
 Everything here runs on the manager's event loop thread. Each device pairs a
 `Supervisor` (the state machine, no I/O) with the I/O that carries out its decisions:
 spawning through the forkserver, TERMINATE/SIGTERM/SIGKILL escalation, the exit
-sentinel, and the health tick (psutil sample plus a STATISTICS request through the
+sentinel, and the health tick (a /proc sample plus a STATISTICS request through the
 device's own loop, which doubles as the hang check).
 
 Operations that take time (start, stop, restart, pause) are asynchronous: each takes a
@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -26,12 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import zmq
 
 from devmgr import _child
 from devmgr._errors import ControlError
 from devmgr._loop import EventLoop, Timer
+from devmgr._procstat import ProcSampler
 from devmgr._spawn import DeviceProcess
 from devmgr._spec import DeviceSpec, SocketSpec
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
@@ -100,7 +101,7 @@ class Device:
         self.cpu_percent: float | None = None
         self.rss_bytes: int | None = None
         self.num_fds: int | None = None
-        self.ps: psutil.Process | None = None
+        self.sampler: ProcSampler | None = None
         self.stats_outstanding = False
         self.timers: dict[str, Timer] = {}
         self.waiters: list[tuple[Callable[[Device], bool], Callable[[], None]]] = []
@@ -360,11 +361,10 @@ class Fleet:
         dev.proc = proc
         assert proc.pid is not None  # set by start()
         dev.sup.spawned(proc.pid)
-        try:
-            dev.ps = psutil.Process(proc.pid)
-            dev.ps.cpu_percent(None)  # prime: the first call always reports 0.0
-        except psutil.Error:
-            dev.ps = None
+        # We reap our children ourselves (sentinel + join); left in multiprocessing's
+        # registry, every later start() would poll all of them: O(n^2) for n devices.
+        multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
+        dev.sampler = ProcSampler(proc.pid)
         self.loop.add_reader(proc.sentinel, lambda: self._on_exit(dev, proc))
         self.loop.add_reader(ctrl, lambda: self._on_ctrl(dev, ctrl))
         dev.timers["ready"] = self.loop.call_later(
@@ -456,7 +456,7 @@ class Fleet:
                 dev.cancel_timer(key)
         self._close_ctrl(dev)
         dev.proc = None
-        dev.ps = None
+        dev.sampler = None
         dev.cpu_percent = dev.rss_bytes = dev.num_fds = None
         action = dev.sup.exited(code, sig, pid=pid or None)
         last = dev.sup.last_exit
@@ -515,16 +515,12 @@ class Fleet:
                 self._request_stats(dev)
 
     def _sample(self, dev: Device) -> None:
-        ps = dev.ps
-        if ps is None:
-            return
-        try:
-            with ps.oneshot():
-                dev.cpu_percent = ps.cpu_percent(None)
-                dev.rss_bytes = ps.memory_info().rss
-                dev.num_fds = ps.num_fds()
-        except psutil.Error:
-            pass  # it is exiting; the sentinel will tell
+        sampler = dev.sampler
+        if sampler is not None and sampler.sample():
+            dev.cpu_percent = sampler.cpu_percent
+            dev.rss_bytes = sampler.rss_bytes
+            dev.num_fds = sampler.num_fds
+        # else: it is exiting, and the sentinel will tell
 
     def _request_stats(self, dev: Device) -> None:
         def reply(frames: list[bytes] | None) -> None:
