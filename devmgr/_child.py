@@ -115,7 +115,7 @@ class _StartFailure(Exception):
         super().__init__(f"{where}: {exc.strerror}")
 
 
-def main(plan: DevicePlan, ctrl_endpoint: str, expected_parent: int) -> None:
+def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: int) -> None:
     """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
     _die_with_parent(expected_parent)
     _drop_forkserver_fds()
@@ -132,7 +132,10 @@ def main(plan: DevicePlan, ctrl_endpoint: str, expected_parent: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    ctrl = ctx.socket(zmq.PAIR)
+    # The manager serves every device's control channel on one ROUTER; our routing id
+    # tells it which device (and which incarnation) speaks.
+    ctrl = ctx.socket(zmq.DEALER)
+    ctrl.setsockopt(zmq.ROUTING_ID, ident)
     ctrl.setsockopt(zmq.LINGER, 1000)
     ctrl.connect(ctrl_endpoint)
     sockets: list[zmq.Socket[bytes]] = []

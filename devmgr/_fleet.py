@@ -54,6 +54,9 @@ STATS_KEYS = (
 )
 _ZERO_STATS = dict.fromkeys(STATS_KEYS, 0)
 _MIB = 1 << 20
+# Plain ints: pyzmq's flag enums cost an enum operation per call on the health path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 # A child that has neither reported READY nor failed by then is treated as hung.
 _READY_TIMEOUT = 10.0
 
@@ -93,8 +96,7 @@ class Device:
         self.index = index
         self.gen = 0
         self.proc: Any = None  # multiprocessing.Process of the current child
-        self.ctrl: zmq.Socket[bytes] | None = None
-        self.ctrl_path: Path | None = None
+        self.ident: bytes | None = None  # routing id of the current child's control DEALER
         self.awaiting_ready = False
         self.pending: deque[Callable[[list[bytes] | None], None]] = deque()
         self.stats: dict[str, int] = dict(_ZERO_STATS)
@@ -145,6 +147,9 @@ class Fleet:
         self._mp = multiprocessing.get_context("forkserver")
         self._forkserver_pid = 0
         self._health_timer: Timer | None = None
+        self._ctrl: zmq.Socket[bytes] | None = None
+        self._ctrl_endpoint = f"ipc://{rundir / 'ctl'}"
+        self._by_ident: dict[bytes, Device] = {}
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -158,6 +163,14 @@ class Fleet:
         multiprocessing.forkserver.ensure_running()
         server = multiprocessing.forkserver._forkserver
         self._forkserver_pid = getattr(server, "_forkserver_pid", None) or 0
+        # One ROUTER serves every child's control channel: with a socket per device the
+        # manager's poll set, and its idle CPU, would grow with the number of devices.
+        ctrl = self.ctx.socket(zmq.ROUTER)
+        ctrl.setsockopt(zmq.LINGER, 0)
+        ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone child fails at once
+        ctrl.bind(self._ctrl_endpoint)
+        self._ctrl = ctrl
+        self.loop.add_reader(ctrl, self._on_ctrl)
         self._health_timer = self.loop.call_later(self.health_interval, self._health_tick)
 
     def add_device(self, spec: DeviceSpec) -> Device:
@@ -333,12 +346,8 @@ class Fleet:
 
     def _spawn(self, dev: Device) -> None:
         dev.gen += 1
-        dev.ctrl_path = self.rundir / f"d{dev.index}.{dev.gen}"
-        endpoint = f"ipc://{dev.ctrl_path}"
-        ctrl = self.ctx.socket(zmq.PAIR)
-        ctrl.setsockopt(zmq.LINGER, 0)
-        ctrl.bind(endpoint)
-        dev.ctrl = ctrl
+        dev.ident = f"{dev.index}.{dev.gen}".encode()
+        self._by_ident[dev.ident] = dev
         dev.awaiting_ready = True
         dev.failure = None
         dev.message = None
@@ -346,7 +355,7 @@ class Fleet:
         plan = device_plan(dev.spec, self.stop_timeout)
         proc = DeviceProcess(
             target=_child.main,
-            args=(plan, endpoint, self._forkserver_pid),
+            args=(plan, self._ctrl_endpoint, dev.ident, self._forkserver_pid),
             name=f"devmgr:{dev.name}",
         )
         try:
@@ -366,7 +375,6 @@ class Fleet:
         multiprocessing.process._children.discard(proc)  # type: ignore[attr-defined]
         dev.sampler = ProcSampler(proc.pid)
         self.loop.add_reader(proc.sentinel, lambda: self._on_exit(dev, proc))
-        self.loop.add_reader(ctrl, lambda: self._on_ctrl(dev, ctrl))
         dev.timers["ready"] = self.loop.call_later(
             _READY_TIMEOUT, lambda: self._unhealthy(dev, Reason.UNRESPONSIVE)
         )
@@ -377,7 +385,7 @@ class Fleet:
         if dev.proc is None:
             return
         sent = False
-        if not dev.awaiting_ready and dev.ctrl is not None:
+        if not dev.awaiting_ready and dev.ident is not None:
             sent = self._send_ctrl(dev, b"TERMINATE", lambda frames: None)
         if not sent:
             self._signal(dev, signal.SIGTERM)
@@ -406,14 +414,16 @@ class Fleet:
 
     # ---- child events -------------------------------------------------------------------
 
-    def _on_ctrl(self, dev: Device, ctrl: zmq.Socket[bytes]) -> None:
-        while True:
+    def _on_ctrl(self) -> None:
+        assert self._ctrl is not None
+        for _ in range(1000):  # a burst, then let the loop look at its other sockets
             try:
-                frames = ctrl.recv_multipart(zmq.NOBLOCK)
+                ident, *frames = self._ctrl.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
-            if dev.ctrl is not ctrl:
-                return  # a late message from a child already gone
+            dev = self._by_ident.get(ident)
+            if dev is None or not frames:
+                continue  # a late message from a child already gone
             if dev.awaiting_ready:
                 self._on_child_report(dev, frames)
             elif dev.pending:
@@ -469,16 +479,9 @@ class Fleet:
         self._act(dev, action)
 
     def _close_ctrl(self, dev: Device) -> None:
-        if dev.ctrl is not None:
-            self.loop.remove_reader(dev.ctrl)
-            dev.ctrl.close(linger=0)
-            dev.ctrl = None
-        if dev.ctrl_path is not None:
-            try:
-                dev.ctrl_path.unlink()
-            except FileNotFoundError:
-                pass
-            dev.ctrl_path = None
+        if dev.ident is not None:
+            self._by_ident.pop(dev.ident, None)
+            dev.ident = None
         dev.awaiting_ready = False
         dev.stats_outstanding = False
         pending, dev.pending = dev.pending, deque()
@@ -488,10 +491,11 @@ class Fleet:
     def _send_ctrl(
         self, dev: Device, command: bytes, on_reply: Callable[[list[bytes] | None], None]
     ) -> bool:
-        if dev.ctrl is None or dev.awaiting_ready:
+        if dev.ident is None or dev.awaiting_ready or self._ctrl is None:
             return False
         try:
-            dev.ctrl.send(command, zmq.NOBLOCK)
+            self._ctrl.send(dev.ident, _MORE_NOBLOCK)
+            self._ctrl.send(command, _NOBLOCK)
         except zmq.ZMQError:
             return False
         dev.pending.append(on_reply)
@@ -576,6 +580,10 @@ class Fleet:
             for key in list(dev.timers):
                 dev.cancel_timer(key)
             self._close_ctrl(dev)
+        if self._ctrl is not None:
+            self.loop.remove_reader(self._ctrl)
+            self._ctrl.close(linger=0)
+            self._ctrl = None
 
 
 def _settled_after_start(dev: Device) -> bool:
