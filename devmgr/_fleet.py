@@ -233,8 +233,8 @@ class Fleet:
 
         def op(next_op: Callable[[], None]) -> None:
             if dev.sup.state in (State.RUNNING, State.PAUSED):
-                next_op()
                 done(None, None)
+                next_op()
                 return
             if dev.sup.state in (State.STOPPED, State.FATAL, State.BACKOFF):
                 dev.cancel_timer("backoff")
@@ -242,8 +242,9 @@ class Fleet:
                 self._act(dev, dev.sup.start())
 
             def settled() -> None:
-                next_op()
+                # answer before the next queued operation changes the state again
                 done(None, self._start_error(dev))
+                next_op()
 
             self.wait_for(dev, _settled_after_start, settled)
 
@@ -271,8 +272,8 @@ class Fleet:
             self._changed(dev)
 
             def stopped() -> None:
-                next_op()
                 done(None, None)
+                next_op()
 
             self.wait_for(dev, _no_process, stopped)
 
@@ -288,27 +289,26 @@ class Fleet:
 
         def op(next_op: Callable[[], None]) -> None:
             def reply(frames: list[bytes] | None) -> None:
-                next_op()
                 if frames is None:
                     done(None, ControlError("conflict", f"{dev.name} exited before answering"))
-                    return
-                if command == b"PAUSE":
-                    dev.sup.paused()
-                elif command == b"RESUME":
-                    dev.sup.resumed()
                 elif command == b"STATISTICS":
                     self._take_stats(dev, frames)
                     done(dict(dev.stats), None)
-                    return
-                self._changed(dev)
-                done(dev.sup.state.value, None)
+                else:
+                    if command == b"PAUSE":
+                        dev.sup.paused()
+                    elif command == b"RESUME":
+                        dev.sup.resumed()
+                    self._changed(dev)
+                    done(dev.sup.state.value, None)
+                next_op()
 
             if not self._send_ctrl(dev, command, reply):
-                next_op()
                 done(
                     None,
                     ControlError("conflict", f"{dev.name} is {dev.sup.state.value}, not running"),
                 )
+                next_op()
 
         self.enqueue(dev, op)
 

@@ -341,11 +341,6 @@ def test_slow_restart_does_not_block_others(ipc_dir: Path, ctx: Any) -> None:
                 os.kill(pid, signal.SIGCONT)
 
 
-@pytest.mark.xfail(
-    reason="manager bug (lead): a restart sent while another restart of the same device "
-    "runs makes the first reply invalid_spec 'did not start (stopping ...)'",
-    strict=True,
-)
 def test_restart_during_restart_waits_its_turn(ipc_dir: Path, ctx: Any) -> None:
     """Commands on one device run in order: both restarts succeed, no 'busy' errors."""
     with devmgr.Manager(make_config(ipc_dir, {"a": streamer(ipc_dir, "a")})) as manager:
