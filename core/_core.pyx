@@ -1,3 +1,666 @@
-# placeholder until the loop lands
-def proxy(*args, **kwargs):
-    raise NotImplementedError
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""devmgr's forwarding loop: one loop for every device kind, without the GIL.
+
+The loop relays whole messages in both directions between an in-socket and an
+out-socket, copies each one to an optional monitor socket behind its direction's
+prefix frame (pyzmq's monitored_queue semantics, ROUTER-ROUTER identity swap included),
+answers the control commands of CONTRACT 2.1 on an optional control socket, and wakes up
+on an optional signal fd. See `proxy` for the rules it keeps.
+"""
+
+from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport ENOMEM, errno
+from libc.signal cimport SIGINT, SIGTERM
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport read
+
+include "libzmq.pxi"
+
+_resolve_libzmq()
+
+# libzmq's proxy forwards at most this many messages per direction per wake-up, so one
+# busy direction cannot starve the other or the control socket.
+cdef enum:
+    BURST = 1000
+# When a ROUTER_MANDATORY out-socket reports POLLOUT (some peer has room) yet refuses
+# the held message (its peer has none), POLLOUT cannot tell us when to retry; a short
+# timer does, without spinning.
+cdef enum:
+    BACKOFF_MS = 1
+    STAT_COUNT = 8
+
+cdef enum:
+    SLOT_IN = 0
+    SLOT_OUT = 1
+    SLOT_MON = 2
+    SLOT_CTRL = 3
+    SLOT_SIGNAL = 4
+    SLOT_COUNT = 5
+
+cdef enum:
+    STAGE_RECV = 0      # idle or receiving: waits for POLLIN on its source
+    STAGE_DST = 1       # holding a whole message, sending it to its destination
+    STAGE_MON = 2       # sent on; now copying it to the monitor
+
+cdef enum:
+    ADV_DONE = 0        # one message went all the way through
+    ADV_WAIT = 1        # cannot progress until its socket is ready
+    ADV_FAIL = 2        # libzmq error, in Loop.err
+
+cdef enum:
+    REPLY_OK = 0
+    REPLY_PONG = 1
+    REPLY_ERROR = 2
+    REPLY_STATS = 3
+
+# Statistics slots (CONTRACT 2.1 order): messages then bytes received, messages then
+# bytes sent, for the in-socket (0-3) and the out-socket (4-7).
+cdef enum:
+    STAT_IN_RECEIVED = 0
+    STAT_IN_SENT = 2
+    STAT_OUT_RECEIVED = 4
+    STAT_OUT_SENT = 6
+
+
+cdef struct FrameBuf:
+    zmq_msg_t *frames   # `cap` initialised messages; the first `count` hold data
+    size_t cap
+    size_t count
+
+
+cdef struct Direction:
+    int index
+    bint enabled
+    void *src
+    void *dst
+    int src_slot
+    int dst_slot
+    int stat_received
+    int stat_sent
+    FrameBuf buf
+    int stage
+    size_t dst_sent
+    size_t mon_sent     # frames on the monitor so far, the prefix included
+    bint dropped        # the destination refused this message (EHOSTUNREACH)
+    bint backoff        # see BACKOFF_MS
+    bint drained        # terminating, and its source gave EAGAIN
+    zmq_msg_t prefix
+
+
+cdef struct Loop:
+    void *ins
+    void *outs
+    void *mon
+    void *ctrl
+    int signal_fd
+    bint swap_ids
+    bint ctrl_is_router
+    Direction dirs[2]
+    zmq_pollitem_t items[SLOT_COUNT]
+    zmq_pollitem_t active[SLOT_COUNT]
+    int active_slot[SLOT_COUNT]
+    int mon_owner       # direction in the middle of a monitor message, or -1
+    bint paused
+    bint terminating
+    bint reply_pending  # TERMINATE came from the control socket: answer OK at the end
+    bint has_deadline
+    double drain_timeout
+    double deadline
+    FrameBuf ctrlbuf
+    size_t ctrl_env     # leading envelope frames of a ROUTER control request
+    zmq_msg_t scratch
+    uint64_t stats[STAT_COUNT]
+    uint64_t dropped
+    int err
+
+
+cdef double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef int check_signals() except -1 with gil:
+    """Run pending Python signal handlers; propagate what they raise."""
+    PyErr_CheckSignals()
+    return 0
+
+
+cdef int raise_zmq(int errnum) except -1 with gil:
+    if errnum == ENOMEM:
+        raise MemoryError("devmgr's loop could not grow a frame buffer")
+    raise zmq_error_for(errnum)
+
+
+# --- frame buffers -----------------------------------------------------------------
+
+cdef int framebuf_init(FrameBuf *buf, size_t cap) noexcept nogil:
+    cdef size_t i
+    buf.frames = <zmq_msg_t *>malloc(cap * sizeof(zmq_msg_t))
+    if buf.frames == NULL:
+        return -1
+    for i in range(cap):
+        zmq_msg_init(&buf.frames[i])
+    buf.cap = cap
+    buf.count = 0
+    return 0
+
+
+cdef int framebuf_grow(FrameBuf *buf) noexcept nogil:
+    """Double the capacity, moving the frames held so far (a message of many parts)."""
+    cdef size_t i, cap = buf.cap * 2
+    cdef zmq_msg_t *frames = <zmq_msg_t *>malloc(cap * sizeof(zmq_msg_t))
+    if frames == NULL:
+        return -1
+    for i in range(cap):
+        zmq_msg_init(&frames[i])
+    for i in range(buf.cap):
+        zmq_msg_move(&frames[i], &buf.frames[i])
+        zmq_msg_close(&buf.frames[i])
+    free(buf.frames)
+    buf.frames = frames
+    buf.cap = cap
+    return 0
+
+
+cdef void framebuf_clear(FrameBuf *buf) noexcept nogil:
+    """Release the frames of a message that will not be sent (dropped or abandoned)."""
+    cdef size_t i
+    for i in range(buf.count):
+        zmq_msg_close(&buf.frames[i])
+        zmq_msg_init(&buf.frames[i])
+    buf.count = 0
+
+
+cdef void framebuf_free(FrameBuf *buf) noexcept nogil:
+    cdef size_t i
+    if buf.frames == NULL:
+        return
+    for i in range(buf.cap):
+        zmq_msg_close(&buf.frames[i])
+    free(buf.frames)
+    buf.frames = NULL
+    buf.cap = buf.count = 0
+
+
+# --- one direction -----------------------------------------------------------------
+
+cdef inline bint reading_allowed(Loop *L, Direction *D) noexcept nogil:
+    if L.terminating:
+        return not D.drained
+    return not L.paused
+
+
+cdef int advance(Loop *L, Direction *D) noexcept nogil:
+    """Move this direction's current message as far as it goes without blocking.
+
+    A message is received whole first (libzmq delivers all parts of a multipart message
+    at once), then sent on, then copied to the monitor. Sending on before the monitor
+    means a direction blocked by its destination never leaves a half-written message on
+    the shared monitor socket, so the other direction keeps flowing.
+    """
+    cdef int rc, flags
+    cdef size_t i, n
+    cdef zmq_msg_t *frame
+    if D.stage == STAGE_RECV:
+        if not reading_allowed(L, D):
+            return ADV_WAIT
+        while True:
+            if D.buf.count == D.buf.cap and framebuf_grow(&D.buf) < 0:
+                L.err = ENOMEM
+                return ADV_FAIL
+            frame = &D.buf.frames[D.buf.count]
+            rc = zmq_msg_recv(frame, D.src, ZMQ_DONTWAIT)
+            if rc < 0:
+                rc = zmq_errno()
+                if rc == EAGAIN:
+                    if D.buf.count == 0 and L.terminating:
+                        D.drained = True
+                    return ADV_WAIT
+                L.err = rc
+                return ADV_FAIL
+            D.buf.count += 1
+            L.stats[D.stat_received + 1] += <uint64_t>rc
+            if not zmq_msg_more(frame):
+                break
+        L.stats[D.stat_received] += 1
+        if L.swap_ids and D.buf.count >= 2:
+            # ROUTER to ROUTER: the sender's identity goes second, the addressee's first.
+            zmq_msg_move(&L.scratch, &D.buf.frames[0])
+            zmq_msg_move(&D.buf.frames[0], &D.buf.frames[1])
+            zmq_msg_move(&D.buf.frames[1], &L.scratch)
+        D.stage = STAGE_DST
+        D.dst_sent = 0
+        D.dropped = False
+
+    if D.stage == STAGE_DST:
+        n = D.buf.count
+        while D.dst_sent < n:
+            i = D.dst_sent
+            flags = ZMQ_DONTWAIT if i + 1 == n else ZMQ_DONTWAIT | ZMQ_SNDMORE
+            if L.mon != NULL:
+                # the original stays for the monitor; a copy shares its data
+                if zmq_msg_copy(&L.scratch, &D.buf.frames[i]) < 0:
+                    L.err = zmq_errno()
+                    return ADV_FAIL
+                rc = zmq_msg_send(&L.scratch, D.dst, flags)
+            else:
+                rc = zmq_msg_send(&D.buf.frames[i], D.dst, flags)
+            if rc < 0:
+                rc = zmq_errno()
+                if rc == EAGAIN:
+                    return ADV_WAIT
+                if rc == EHOSTUNREACH and i == 0:
+                    # ROUTER_MANDATORY and no such peer: drop this message, go on.
+                    D.dropped = True
+                    L.dropped += 1
+                    break
+                L.err = rc
+                return ADV_FAIL
+            L.stats[D.stat_sent + 1] += <uint64_t>rc
+            D.dst_sent += 1
+        D.backoff = False
+        if not D.dropped:
+            L.stats[D.stat_sent] += 1
+        if L.mon == NULL:
+            if D.dropped:
+                framebuf_clear(&D.buf)
+            D.buf.count = 0
+            D.stage = STAGE_RECV
+            return ADV_DONE
+        D.stage = STAGE_MON
+        D.mon_sent = 0
+
+    # STAGE_MON: the monitor is shared, so one message at a time goes onto it whole.
+    if L.mon_owner >= 0 and L.mon_owner != D.index:
+        return ADV_WAIT
+    n = D.buf.count
+    while D.mon_sent <= n:
+        if D.mon_sent == 0:
+            if zmq_msg_copy(&L.scratch, &D.prefix) < 0:
+                L.err = zmq_errno()
+                return ADV_FAIL
+            rc = zmq_msg_send(&L.scratch, L.mon, ZMQ_DONTWAIT | ZMQ_SNDMORE)
+        else:
+            i = D.mon_sent - 1
+            flags = ZMQ_DONTWAIT if i + 1 == n else ZMQ_DONTWAIT | ZMQ_SNDMORE
+            rc = zmq_msg_send(&D.buf.frames[i], L.mon, flags)
+        if rc < 0:
+            rc = zmq_errno()
+            if rc == EAGAIN:
+                return ADV_WAIT
+            L.err = rc
+            return ADV_FAIL
+        if D.mon_sent == 0:
+            L.mon_owner = D.index
+        D.mon_sent += 1
+    L.mon_owner = -1
+    D.buf.count = 0
+    D.stage = STAGE_RECV
+    return ADV_DONE
+
+
+cdef int serve(Loop *L, Direction *D) except -1 nogil:
+    """Forward up to BURST messages in one direction, then let the others have a turn."""
+    cdef int n = 0, r
+    cdef bint was_waiting_out = D.stage == STAGE_DST
+    cdef size_t sent_before = D.dst_sent
+    while n < BURST:
+        r = advance(L, D)
+        if r == ADV_DONE:
+            n += 1
+            continue
+        if r == ADV_FAIL:
+            if L.err == EINTR:
+                check_signals()
+                continue
+            raise_zmq(L.err)
+        if (was_waiting_out and n == 0 and D.stage == STAGE_DST
+                and D.dst_sent == sent_before):
+            D.backoff = True
+        return 0
+    return 0
+
+
+# --- control and signals -----------------------------------------------------------
+
+cdef int ctrl_send(Loop *L, int kind) except -1 nogil:
+    """Send one reply (after a ROUTER request's envelope); drop it if it cannot be queued.
+
+    A reply never blocks the loop: a control peer that went away or stopped reading
+    loses its reply rather than stalling the data path.
+    """
+    cdef FrameBuf *B = &L.ctrlbuf
+    cdef size_t i = 0
+    cdef int j = 0, parts, rc, e, flags
+    cdef const char *data
+    cdef size_t size
+    cdef bint dropped = False
+    while i < L.ctrl_env:
+        rc = zmq_msg_send(&B.frames[i], L.ctrl, ZMQ_DONTWAIT | ZMQ_SNDMORE)
+        if rc < 0:
+            e = zmq_errno()
+            if e == EINTR:
+                check_signals()
+                continue
+            if e == ETERM:
+                raise_zmq(e)
+            dropped = True
+            break
+        i += 1
+    parts = STAT_COUNT if kind == REPLY_STATS else 1
+    while not dropped and j < parts:
+        if kind == REPLY_STATS:
+            data = <const char *>&L.stats[j]
+            size = sizeof(uint64_t)
+        elif kind == REPLY_OK:
+            data = b"OK"
+            size = 2
+        elif kind == REPLY_PONG:
+            data = b"PONG"
+            size = 4
+        else:
+            data = b"ERROR"
+            size = 5
+        flags = ZMQ_DONTWAIT if j + 1 == parts else ZMQ_DONTWAIT | ZMQ_SNDMORE
+        rc = zmq_send(L.ctrl, data, size, flags)
+        if rc < 0:
+            e = zmq_errno()
+            if e == EINTR:
+                check_signals()
+                continue
+            if e == ETERM:
+                raise_zmq(e)
+            break
+        j += 1
+    framebuf_clear(B)
+    L.ctrl_env = 0
+    return 0
+
+
+cdef inline bint is_word(zmq_msg_t *msg, const char *word, size_t size) noexcept nogil:
+    return zmq_msg_size(msg) == size and memcmp(zmq_msg_data(msg), word, size) == 0
+
+
+cdef void start_terminating(Loop *L, bint reply) noexcept nogil:
+    L.terminating = True
+    L.reply_pending = reply
+    L.deadline = monotonic() + L.drain_timeout
+
+
+cdef int handle_ctrl(Loop *L) except -1 nogil:
+    """Answer every command waiting on the control socket (until TERMINATE)."""
+    cdef FrameBuf *B = &L.ctrlbuf
+    cdef int rc
+    cdef size_t i, env
+    cdef zmq_msg_t *cmd
+    while not L.terminating:
+        B.count = 0
+        while True:
+            if B.count == B.cap and framebuf_grow(B) < 0:
+                raise_zmq(ENOMEM)
+            rc = zmq_msg_recv(&B.frames[B.count], L.ctrl, ZMQ_DONTWAIT)
+            if rc < 0:
+                rc = zmq_errno()
+                if rc == EINTR:
+                    check_signals()
+                    continue
+                if rc == EAGAIN:
+                    framebuf_clear(B)
+                    return 0
+                raise_zmq(rc)
+            B.count += 1
+            if not zmq_msg_more(&B.frames[B.count - 1]):
+                break
+        env = 0
+        if L.ctrl_is_router and B.count >= 2:
+            # identity, then (from a REQ peer) an empty delimiter, then the command
+            env = 1
+            for i in range(1, B.count - 1):
+                if zmq_msg_size(&B.frames[i]) == 0:
+                    env = i + 1
+                    break
+        L.ctrl_env = env
+        if B.count - env != 1:
+            ctrl_send(L, REPLY_ERROR)  # multipart command: consumed whole, refused
+            continue
+        cmd = &B.frames[env]
+        if is_word(cmd, b"PAUSE", 5):
+            L.paused = True
+            ctrl_send(L, REPLY_OK)
+        elif is_word(cmd, b"RESUME", 6):
+            L.paused = False
+            ctrl_send(L, REPLY_OK)
+        elif is_word(cmd, b"PING", 4):
+            ctrl_send(L, REPLY_PONG)
+        elif is_word(cmd, b"STATISTICS", 10):
+            ctrl_send(L, REPLY_STATS)
+        elif is_word(cmd, b"TERMINATE", 9):
+            # the envelope stays in ctrlbuf for the OK sent when the loop ends
+            start_terminating(L, True)
+        else:
+            ctrl_send(L, REPLY_ERROR)
+    return 0
+
+
+cdef int handle_signal_fd(Loop *L) except -1 nogil:
+    """Drain the wakeup fd, run Python's handlers, and start draining on SIGTERM/SIGINT."""
+    cdef unsigned char data[64]
+    cdef Py_ssize_t n, k
+    cdef bint stop = False
+    while True:
+        n = read(L.signal_fd, data, sizeof(data))
+        if n < 0:
+            if errno == EINTR:
+                continue
+            break
+        for k in range(n):
+            if data[k] == SIGTERM or data[k] == SIGINT:
+                stop = True
+        if n < <Py_ssize_t>sizeof(data):
+            break
+    check_signals()
+    if stop and not L.terminating:
+        start_terminating(L, False)
+    return 0
+
+
+# --- the loop ----------------------------------------------------------------------
+
+cdef bint drain_finished(Loop *L) noexcept nogil:
+    cdef int d
+    for d in range(2):
+        if L.dirs[d].enabled and not (L.dirs[d].drained and L.dirs[d].stage == STAGE_RECV):
+            return False
+    return True
+
+
+cdef inline bint runnable(Loop *L, Direction *D) noexcept nogil:
+    if not D.enabled:
+        return False
+    if D.stage == STAGE_RECV:
+        if not reading_allowed(L, D):
+            return False
+        # while draining, an idle source is tried once so that its EAGAIN is seen
+        return L.terminating or (L.items[D.src_slot].revents & ZMQ_POLLIN) != 0
+    if D.stage == STAGE_DST:
+        return D.backoff or (L.items[D.dst_slot].revents & ZMQ_POLLOUT) != 0
+    return (L.items[SLOT_MON].revents & ZMQ_POLLOUT) != 0
+
+
+cdef int run_loop(Loop *L) except -1 nogil:
+    cdef int d, s, nactive, timeout, rc, e
+    cdef double remaining
+    cdef Direction *D
+    while True:
+        if L.terminating and (drain_finished(L) or
+                              (L.has_deadline and monotonic() >= L.deadline)):
+            break
+        for s in range(SLOT_COUNT):
+            L.items[s].events = 0
+            L.items[s].revents = 0
+        timeout = -1
+        if L.ctrl != NULL and not L.terminating:
+            L.items[SLOT_CTRL].events = ZMQ_POLLIN
+        if L.signal_fd >= 0:
+            L.items[SLOT_SIGNAL].events = ZMQ_POLLIN
+        for d in range(2):
+            D = &L.dirs[d]
+            if not D.enabled:
+                continue
+            if D.stage == STAGE_RECV:
+                if reading_allowed(L, D):
+                    L.items[D.src_slot].events |= ZMQ_POLLIN
+                    if L.terminating:
+                        timeout = 0
+            elif D.stage == STAGE_DST:
+                if D.backoff:
+                    if timeout < 0 or timeout > BACKOFF_MS:
+                        timeout = BACKOFF_MS
+                else:
+                    L.items[D.dst_slot].events |= ZMQ_POLLOUT
+            else:
+                L.items[SLOT_MON].events |= ZMQ_POLLOUT
+        if L.terminating and L.has_deadline:
+            remaining = (L.deadline - monotonic()) * 1000.0 + 1.0
+            if remaining < 0:
+                remaining = 0
+            if timeout < 0 or remaining < timeout:
+                timeout = <int>remaining
+        # Poll only what is waited on: each socket item costs zmq_poll a syscall or two.
+        nactive = 0
+        for s in range(SLOT_COUNT):
+            if L.items[s].events:
+                L.active[nactive] = L.items[s]
+                L.active_slot[nactive] = s
+                nactive += 1
+        if nactive == 0 and timeout < 0:
+            timeout = 100  # nothing to wait on (cannot happen): re-check without spinning
+        rc = zmq_poll(L.active, nactive, timeout)
+        if rc < 0:
+            e = zmq_errno()
+            if e == EINTR:
+                check_signals()
+                continue
+            raise_zmq(e)
+        for s in range(nactive):
+            L.items[L.active_slot[s]].revents = L.active[s].revents
+        if L.items[SLOT_CTRL].revents & ZMQ_POLLIN:
+            handle_ctrl(L)
+        if L.items[SLOT_SIGNAL].revents & ZMQ_POLLIN:
+            handle_signal_fd(L)
+        for d in range(2):
+            D = &L.dirs[d]
+            if runnable(L, D):
+                serve(L, D)
+    if L.reply_pending:
+        L.reply_pending = False
+        ctrl_send(L, REPLY_OK)
+    return 0
+
+
+# --- set-up and the Python entry point -----------------------------------------------
+
+cdef int init_prefix(zmq_msg_t *msg, object prefix, str name) except -1:
+    cdef Py_buffer view
+    if isinstance(prefix, str):
+        raise TypeError(f"{name} must be bytes, not str (encode it)")
+    PyObject_GetBuffer(prefix, &view, PyBUF_ANY_CONTIGUOUS)
+    try:
+        zmq_msg_close(msg)
+        if zmq_msg_init_size(msg, <size_t>view.len) < 0:
+            raise zmq_error_for(zmq_errno())
+        if view.len:
+            memcpy(zmq_msg_data(msg), view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+# Socket types that can receive / send at all; a direction is relayed only when its
+# source can receive and its destination can send (a FORWARDER's PUB out-socket has
+# nothing to read, a STREAMER's PUSH neither).
+_CAN_RECV = frozenset({ZMQ_PAIR, ZMQ_SUB, ZMQ_REQ, ZMQ_REP, ZMQ_DEALER, ZMQ_ROUTER,
+                       ZMQ_PULL, ZMQ_XPUB, ZMQ_XSUB, ZMQ_STREAM})
+_CAN_SEND = frozenset({ZMQ_PAIR, ZMQ_PUB, ZMQ_REQ, ZMQ_REP, ZMQ_DEALER, ZMQ_ROUTER,
+                       ZMQ_PUSH, ZMQ_XPUB, ZMQ_XSUB, ZMQ_STREAM})
+
+
+cdef void loop_free(Loop *L) noexcept nogil:
+    cdef int d
+    for d in range(2):
+        framebuf_free(&L.dirs[d].buf)
+        zmq_msg_close(&L.dirs[d].prefix)
+    framebuf_free(&L.ctrlbuf)
+    zmq_msg_close(&L.scratch)
+
+
+def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
+          in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0):
+    """Relay messages between two sockets until told to stop; see devmgr/_core.pyi."""
+    cdef Loop L
+    cdef int d
+    cdef int in_type, out_type
+    memset(&L, 0, sizeof(Loop))
+    L.mon_owner = -1
+    L.signal_fd = -1
+    for d in range(2):
+        zmq_msg_init(&L.dirs[d].prefix)
+    zmq_msg_init(&L.scratch)
+    try:
+        init_prefix(&L.dirs[0].prefix, in_prefix, "in_prefix")
+        init_prefix(&L.dirs[1].prefix, out_prefix, "out_prefix")
+        L.ins = socket_handle(in_socket)
+        L.outs = socket_handle(out_socket)
+        if mon_socket is not None:
+            L.mon = socket_handle(mon_socket)
+        if ctrl_socket is not None:
+            L.ctrl = socket_handle(ctrl_socket)
+            L.ctrl_is_router = ctrl_socket.type == ZMQ_ROUTER
+        L.signal_fd = -1 if signal_fd is None else int(signal_fd)
+        if drain_timeout is None:
+            L.has_deadline = False
+        else:
+            L.drain_timeout = float(drain_timeout)
+            if not L.drain_timeout >= 0:
+                raise ValueError(f"drain_timeout must be >= 0 or None, not {drain_timeout!r}")
+            L.has_deadline = True
+        in_type = in_socket.type
+        out_type = out_socket.type
+        L.swap_ids = in_type == ZMQ_ROUTER and out_type == ZMQ_ROUTER
+
+        L.items[SLOT_IN].socket = L.ins
+        L.items[SLOT_OUT].socket = L.outs
+        L.items[SLOT_MON].socket = L.mon
+        L.items[SLOT_CTRL].socket = L.ctrl
+        L.items[SLOT_SIGNAL].fd = L.signal_fd
+
+        L.dirs[0].src, L.dirs[0].dst = L.ins, L.outs
+        L.dirs[0].src_slot, L.dirs[0].dst_slot = SLOT_IN, SLOT_OUT
+        L.dirs[0].stat_received, L.dirs[0].stat_sent = STAT_IN_RECEIVED, STAT_OUT_SENT
+        L.dirs[0].enabled = in_type in _CAN_RECV and out_type in _CAN_SEND
+        L.dirs[1].src, L.dirs[1].dst = L.outs, L.ins
+        L.dirs[1].src_slot, L.dirs[1].dst_slot = SLOT_OUT, SLOT_IN
+        L.dirs[1].stat_received, L.dirs[1].stat_sent = STAT_OUT_RECEIVED, STAT_IN_SENT
+        # one socket for both sides (pyzmq's Device with out_type < 0): relay it to itself
+        L.dirs[1].enabled = (L.ins != L.outs and out_type in _CAN_RECV
+                             and in_type in _CAN_SEND)
+        if not (L.dirs[0].enabled or L.dirs[1].enabled):
+            raise ValueError(
+                f"nothing to relay between socket types {in_type} and {out_type}")
+        for d in range(2):
+            L.dirs[d].index = d
+            if framebuf_init(&L.dirs[d].buf, 8) < 0:
+                raise MemoryError()
+        if framebuf_init(&L.ctrlbuf, 4) < 0:
+            raise MemoryError()
+        with nogil:
+            run_loop(&L)
+    finally:
+        loop_free(&L)
+    return None
+
