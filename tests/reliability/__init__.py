@@ -1,0 +1,1 @@
+"""Shared pieces of the reliability suite (tests/test_reliability.py, tests/bench/reliability_*)."""

@@ -1,0 +1,693 @@
+"""The reliability scenarios, each a function that asserts what it checks and returns figures.
+
+tests/test_reliability.py runs them short (default run) and long (`-m slow`);
+tests/bench/reliability_report.py runs the long versions and prints the README table.
+Each function takes a private folder `root` (short: ipc paths must fit in 107 bytes) and
+sets XDG_RUNTIME_DIR for the processes it starts only through the environment it is given.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import devmgr
+
+from .support import (
+    Endpoints,
+    ManagerProc,
+    Traffic,
+    alive,
+    device_children,
+    endpoints,
+    manager_settings,
+    num_fds,
+    pipeline_device,
+    rss_mib,
+    wait_until,
+    write_config,
+    zombies,
+)
+
+# What each injected fault must show up as in the device's `device.exited` event.
+FAULTS: dict[str, tuple[str, int | None, int | None]] = {
+    # fault: (reason, signal, exit code)
+    "SIGKILL": ("killed", signal.SIGKILL, None),
+    "SIGSTOP": ("unresponsive", signal.SIGKILL, None),  # the health check's SIGKILL
+    "SIGTERM": ("exited", None, 0),  # drains and exits 0; policy "always" restarts it
+    "SIGSEGV": ("killed", signal.SIGSEGV, None),
+}
+# A device that ran this long is restarted at once (the supervisor's stable_after).
+STABLE_AFTER = 1.0
+
+
+def _pause(seconds: float) -> None:
+    """Pace an injector or a load (a rate, not a wait for a condition)."""
+    threading.Event().wait(seconds)
+
+
+def chaos(
+    root: Path,
+    *,
+    devices: int = 6,
+    duration: float = 5.0,
+    rate: float = 200.0,
+    fault_interval: float = 0.1,
+    seed: int = 1,
+    fd_bound: int = 8,
+    rss_bound_mib: float = 16.0,
+) -> dict[str, Any]:
+    """Random SIGKILL/SIGSTOP/SIGTERM/SIGSEGV on devices under traffic, then check it all."""
+    eps = [endpoints(root, f"d{i:02d}") for i in range(devices)]
+    restart = {"policy": "always", "max_restarts": 100_000, "window": 60.0}
+    config = {
+        "manager": manager_settings(root, health_interval=0.1, stop_timeout=2.0),
+        "devices": {
+            ep.name: pipeline_device(ep, restart=restart, health={"ping_timeout": 0.3})
+            for ep in eps
+        },
+    }
+    path = write_config(root / "chaos.toml", config)
+    rng = random.Random(seed)
+    injected: dict[str, list[str]] = {ep.name: [] for ep in eps}
+    control = config["manager"]["control"]
+    with (
+        ManagerProc(path, control=control) as mgr,
+        Traffic(eps, rate=rate, events=config["manager"]["events"]) as traffic,
+    ):
+        mgr.wait_running(devices)
+        traffic.wait_flowing(timeout=10)
+        client = mgr.client(timeout=5.0)
+
+        def all_stable() -> bool:
+            devs = client.status()["devices"]
+            return all(d["state"] == "running" and d["uptime_s"] >= STABLE_AFTER for d in devs)
+
+        wait_until(all_stable, timeout=10, interval=0.05, what="every device stable")
+        fds_before, rss_before = num_fds(mgr.pid), rss_mib(mgr.pid)
+        faulted_pid: dict[str, int] = {}
+        started = time.monotonic()
+        while time.monotonic() - started < duration:
+            devs = {d["name"]: d for d in client.status()["devices"]}
+            eligible = [
+                name
+                for name, d in devs.items()
+                if d["state"] == "running"
+                and d["uptime_s"] >= STABLE_AFTER
+                and d["pid"] != faulted_pid.get(name)
+            ]
+            if eligible:
+                name = rng.choice(eligible)
+                fault = rng.choice(list(FAULTS))
+                pid = devs[name]["pid"]
+                os.kill(pid, getattr(signal, fault))
+                faulted_pid[name] = pid
+                injected[name].append(fault)
+            _pause(fault_interval)
+        chaos_s = time.monotonic() - started
+
+        def recovered() -> dict[str, dict[str, Any]]:
+            devs = {d["name"]: d for d in client.status()["devices"]}
+            for name, d in devs.items():
+                assert d["state"] == "running", (name, d["state"], d["last_exit"])
+                assert d["pid"] != faulted_pid.get(name), (name, "still the faulted pid")
+                assert d["restarts"] == len(injected[name]), (name, d["restarts"], injected[name])
+            return devs
+
+        recover_started = time.monotonic()
+        devs = wait_until(recovered, timeout=15, interval=0.05, what="recovery")
+        recovery_s = time.monotonic() - recover_started
+        traffic.wait_flowing(timeout=5)
+        assert client.ping() == "pong"
+        # every exit is the one its fault must cause, in order
+        wait_until(
+            lambda: sum(e["event"] == "device.exited" for e in traffic.events)
+            >= sum(map(len, injected.values())),
+            timeout=5,
+            what="every exit event",
+        )
+        seen: dict[str, list[tuple[Any, ...]]] = {ep.name: [] for ep in eps}
+        for event in traffic.events:
+            if event["event"] == "device.exited":
+                seen[event["device"]].append((event["reason"], event["signal"], event["code"]))
+        for name, faults in injected.items():
+            assert seen[name] == [FAULTS[f] for f in faults], (name, faults, seen[name])
+        assert not zombies(mgr.pid), f"zombies: {zombies(mgr.pid)}"
+        children = device_children(mgr.pid)
+        assert sorted(children) == sorted(d["pid"] for d in devs.values()), (children, devs)
+        fds_after, rss_after = num_fds(mgr.pid), rss_mib(mgr.pid)
+        assert fds_after - fds_before <= fd_bound, (fds_before, fds_after)
+        assert rss_after - rss_before <= rss_bound_mib, (rss_before, rss_after)
+        lost_in_flight = sum(f.refused for f in traffic.flows.values())
+        figures = {
+            "devices": devices,
+            "chaos_s": round(chaos_s, 1),
+            "seed": seed,
+            "faults": dict(Counter(f for fs in injected.values() for f in fs)),
+            "faults_total": sum(map(len, injected.values())),
+            "faults_max_per_device": max(map(len, injected.values())),
+            "restarts_total": sum(d["restarts"] for d in devs.values()),
+            "recovery_s": round(recovery_s, 2),
+            "manager_fds": [fds_before, fds_after],
+            "manager_rss_mib": [round(rss_before, 1), round(rss_after, 1)],
+            "messages_sent": sum(f.sent for f in traffic.flows.values()),
+            "messages_received": sum(f.received for f in traffic.flows.values()),
+            "sends_refused": lost_in_flight,
+            "duplicates": sum(f.duplicates for f in traffic.flows.values()),
+        }
+        assert mgr.terminate(timeout=10) == 0
+    return figures
+
+
+def _pipeline_config(
+    root: Path, eps: list[Endpoints], *, stop_timeout: float = 2.0, **device: Any
+) -> dict[str, Any]:
+    return {
+        "manager": manager_settings(root, stop_timeout=stop_timeout),
+        "devices": {ep.name: pipeline_device(ep, **device) for ep in eps},
+    }
+
+
+def manager_death(
+    root: Path, *, devices: int = 6, rate: float = 500.0, load_s: float = 0.5
+) -> dict[str, Any]:
+    """SIGKILL a loaded manager: its devices go within 2 s; a new one runs them again."""
+    eps = [endpoints(root, f"k{i:02d}") for i in range(devices)]
+    config = _pipeline_config(root, eps)
+    path = write_config(root / "death.toml", config)
+    control = config["manager"]["control"]
+    with Traffic(eps, rate=rate) as traffic:
+        with ManagerProc(path, control=control) as mgr:
+            mgr.wait_running(devices)
+            traffic.wait_flowing(timeout=10)
+            _pause(load_s)
+            doomed = {p.pid for p in psutil.Process(mgr.pid).children(recursive=True)}
+            device_pids = set(device_children(mgr.pid))
+            assert len(device_pids) == devices, device_pids
+            assert mgr.proc is not None
+            mgr.proc.kill()
+            killed_at = time.monotonic()
+            mgr.proc.wait(5)
+            wait_until(lambda: not alive(device_pids), timeout=2.0, what="devices gone")
+            devices_gone_s = time.monotonic() - killed_at
+            wait_until(lambda: not alive(doomed), timeout=2.0, what="helpers gone")
+            all_gone_s = time.monotonic() - killed_at
+        with ManagerProc(path, control=control) as mgr2:
+            started_at = time.monotonic()
+            mgr2.wait_running(devices, timeout=10)
+            startup_s = time.monotonic() - started_at
+            traffic.wait_flowing(timeout=5)
+            assert mgr2.terminate(timeout=10) == 0
+    assert devices_gone_s <= 2.0 and startup_s <= 5.0
+    return {
+        "devices": devices,
+        "devices_gone_s": round(devices_gone_s, 3),
+        "all_children_gone_s": round(all_gone_s, 3),
+        "restart_to_all_running_s": round(startup_s, 3),
+    }
+
+
+def _catch_leftovers(eps: list[Endpoints], traffic: Traffic, quiet: float = 0.3) -> dict[str, int]:
+    """Bind a PULL where each (gone) device was: what arrives was still in the sender."""
+    import zmq
+
+    counts: dict[str, int] = {}
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        catchers = {}
+        for ep in eps:
+            sock = ctx.socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ep.in_ep)
+            catchers[ep.name] = sock
+            counts[ep.name] = 0
+        poller = zmq.Poller()
+        for sock in catchers.values():
+            poller.register(sock, zmq.POLLIN)
+        by_sock = {sock: name for name, sock in catchers.items()}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ready = poller.poll(int(quiet * 1000))
+            if not ready:
+                break
+            for sock, _ in ready:
+                while True:
+                    try:
+                        sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    counts[by_sock[sock]] += 1
+    finally:
+        ctx.destroy(linger=0)
+    return counts
+
+
+def graceful_shutdown(
+    root: Path,
+    *,
+    devices: int = 4,
+    rate: float | None = None,
+    load_s: float = 0.5,
+    stop_timeout: float = 2.0,
+) -> dict[str, Any]:
+    """SIGTERM a loaded manager: exit 0 in time, no child left, count the drained messages."""
+    eps = [endpoints(root, f"g{i:02d}") for i in range(devices)]
+    config = _pipeline_config(root, eps, stop_timeout=stop_timeout)
+    path = write_config(root / "graceful.toml", config)
+    with Traffic(eps, rate=rate) as traffic:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            mgr.wait_running(devices)
+            traffic.wait_flowing(timeout=10)
+            _pause(load_s)
+            doomed = {p.pid for p in psutil.Process(mgr.pid).children(recursive=True)}
+            traffic.stop_sending()
+            received_at_term = sum(traffic.received().values())
+            assert mgr.proc is not None
+            mgr.proc.send_signal(signal.SIGTERM)
+            term_at = time.monotonic()
+            code = mgr.proc.wait(stop_timeout + 5)
+            exit_s = time.monotonic() - term_at
+            log = mgr.log()
+        assert code == 0, log[-2000:]
+        assert exit_s <= stop_timeout + 1.0, exit_s
+        assert not alive(doomed), f"left behind: {alive(doomed)}"
+        traffic.wait_quiet(quiet=0.5)
+        sent = sum(f.sent for f in traffic.flows.values())
+        received = sum(f.received for f in traffic.flows.values())
+        duplicates = sum(f.duplicates for f in traffic.flows.values())
+        # the queues of the sender (which connects) keep what never reached a device
+        leftover = sum(_catch_leftovers(eps, traffic).values())
+    in_flight = sent - received_at_term
+    return {
+        "devices": devices,
+        "exit_code": code,
+        "exit_s": round(exit_s, 3),
+        "sent": sent,
+        "in_flight_at_sigterm": in_flight,
+        "delivered_after_sigterm": received - received_at_term,
+        "still_in_sender": leftover,
+        "dropped_in_devices": sent - received - leftover,
+        "duplicates": duplicates,
+    }
+
+
+def planned_restart(
+    root: Path,
+    *,
+    device_binds: bool,
+    restarts: int = 3,
+    rate: float = 2000.0,
+    via: str = "client",
+) -> dict[str, Any]:
+    """Restart a device by command while traffic flows through it; count what is lost."""
+    ep = endpoints(root, "r", device_binds=device_binds)
+    config = _pipeline_config(root, [ep])
+    path = write_config(root / "restart.toml", config)
+    control = config["manager"]["control"]
+    with Traffic([ep], rate=rate) as traffic, ManagerProc(path, control=control) as mgr:
+        mgr.wait_running(1)
+        traffic.wait_flowing(timeout=10)
+        client = mgr.client(timeout=10)
+        pids = [client.status()["devices"][0]["pid"]]
+        for _ in range(restarts):
+            _pause(0.2)  # traffic through the current child before the next restart
+            if via == "cli":
+                import subprocess
+                import sys
+
+                done = subprocess.run(
+                    [sys.executable, "-m", "devmgr", "restart", "r", "-e", control],
+                    capture_output=True,
+                    timeout=20,
+                    check=False,
+                )
+                assert done.returncode == 0, done.stderr.decode()
+            else:
+                client.restart("r")
+            now = client.status()["devices"][0]
+            assert now["state"] == "running" and now["pid"] not in pids, now
+            pids.append(now["pid"])
+            traffic.wait_flowing(timeout=5)
+        _pause(0.2)
+        traffic.stop_sending()
+        traffic.wait_quiet(quiet=0.5)
+        flow = traffic.flows["r"]
+        figures = {
+            "topology": "device binds" if device_binds else "device connects",
+            "restarts": restarts,
+            "via": via,
+            "sent": flow.sent,
+            "received": flow.received,
+            "lost": flow.missing(),
+            "lost_after_forwarding": flow.lost_after_forwarding(),
+            "missing": flow.missing_seqs()[:50],
+            "duplicates": flow.duplicates,
+            "refused_while_down": flow.refused,
+        }
+        assert mgr.terminate(timeout=10) == 0
+    return figures
+
+
+# ---------------------------------------------------------------------------- 5. burst
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (another process may take it later)."""
+    import socket as pysocket
+
+    with pysocket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def burst(
+    root: Path,
+    *,
+    count: int = 200_000,
+    size: int = 64,
+    runs: int = 1,
+    transport: str = "tcp",
+    check: bool = True,
+) -> dict[str, Any]:
+    """A producer sends `count` messages as fast as it can and disconnects at once."""
+    import zmq
+
+    from devmgr import _loadgen
+
+    ep = endpoints(root, "b")
+    if transport == "tcp":
+        ep = Endpoints(
+            "b",
+            f"tcp://127.0.0.1:{free_port()}",
+            f"tcp://127.0.0.1:{free_port()}",
+            f"tcp://127.0.0.1:{free_port()}",
+        )
+    config = _pipeline_config(root, [ep])
+    path = write_config(root / "burst.toml", config)
+    results = []
+    with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+        mgr.wait_running(1)
+        for _ in range(runs):
+            ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            try:
+                sink = ctx.socket(zmq.PULL)
+                sink.setsockopt(zmq.LINGER, 0)
+                sink.connect(ep.out_ep)
+                received: list[tuple[int, int, int, int]] = []
+                reader = threading.Thread(
+                    target=lambda: received.append(_loadgen.sink(sink, count, 3.0)), daemon=True
+                )
+                reader.start()
+                # The producer's own context: terminating it is the disconnect. Its linger
+                # lets its queue reach the device (dropping that would be the producer's
+                # loss, not the device's); term() is bounded by that linger.
+                pctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+                producer = pctx.socket(zmq.PUSH)
+                producer.setsockopt(zmq.LINGER, 10_000)
+                producer.connect(ep.in_ep)
+                sent, first_ns, last_ns = _loadgen.send(producer, count, size, 10.0)
+                producer.close()
+                pctx.term()
+                reader.join(20)
+                assert received, "the sink never returned"
+                got = received[0][0]
+                results.append(
+                    {
+                        "sent": sent,
+                        "received": got,
+                        "send_rate": round(sent / max(1e-9, (last_ns - first_ns) / 1e9)),
+                    }
+                )
+            finally:
+                ctx.destroy(linger=0)
+        devs = mgr.devices()
+        assert devs["b"]["restarts"] == 0
+        assert mgr.terminate(timeout=10) == 0
+    if check:
+        for r in results:
+            assert r["sent"] == count and r["received"] == count, results
+    return {
+        "transport": transport,
+        "runs": runs,
+        "count": count,
+        "lost": [r["sent"] - r["received"] for r in results],
+        "send_rate": [r["send_rate"] for r in results],
+    }
+
+
+# ---------------------------------------------------------------------------- 7. exhaustion
+
+
+def memory_limit(root: Path, *, limit_mb: int = 80) -> dict[str, Any]:
+    """A device whose send queue grows without bound passes max_rss_mb: restarted, `memory`."""
+    import socket as pysocket
+
+    import zmq
+
+    hole = pysocket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole_port = hole.getsockname()[1]
+    hole.close()  # nobody listens there: the device's PUSH queues for a peer that never comes
+    in_ep = f"ipc://{root}/m-in"
+    table = {
+        "kind": "streamer",
+        "in": {"type": "PULL", "bind": [in_ep], "options": {"rcvhwm": 0}},
+        "out": {
+            "type": "PUSH",
+            "connect": [f"tcp://127.0.0.1:{hole_port}"],
+            "options": {"sndhwm": 0},
+        },
+        "health": {"max_rss_mb": limit_mb},
+        "restart": {"backoff_initial": 0.05},
+    }
+    config = {"manager": manager_settings(root), "devices": {"m": table}}
+    path = write_config(root / "memory.toml", config)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            (first_pid,) = [d["pid"] for d in mgr.wait_running(1).values()]
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDTIMEO, 100)
+            push.connect(in_ep)
+            blob = b"x" * 65536
+            started = time.monotonic()
+            sent = 0
+            d: dict[str, Any] = {}
+            while time.monotonic() - started < 20:
+                d = mgr.devices()["m"]
+                if d["last_exit"] is not None:
+                    break
+                for _ in range(100):  # bounded: at most ~6.5 MB a round
+                    try:
+                        push.send(blob)
+                        sent += 1
+                    except zmq.Again:
+                        break
+            tripped_s = time.monotonic() - started
+            assert d["last_exit"] is not None, "the memory limit never tripped"
+            assert d["last_exit"]["reason"] == "memory", d["last_exit"]
+            assert d["restarts"] == 1, d
+            after = wait_until(
+                lambda: (x := mgr.devices()["m"])["state"] == "running" and x, timeout=10
+            )
+            assert after["pid"] != first_pid
+            log = mgr.log()
+            assert "device.unhealthy m" in log and "reason=memory" in log, log[-2000:]
+            push.close()
+            assert mgr.terminate(timeout=10) == 0
+    finally:
+        ctx.destroy(linger=0)
+    return {
+        "limit_mb": limit_mb,
+        "sent_mib": round(sent * 65536 / (1 << 20)),
+        "tripped_after_s": round(tripped_s, 2),
+    }
+
+
+def _device_pid(mgr: ManagerProc, name: str) -> int:
+    return int(mgr.devices()[name]["pid"])
+
+
+def stalled_monitor(
+    root: Path, *, count: int = 100_000, size: int = 256, rounds: int = 1
+) -> dict[str, Any]:
+    """A monitor subscriber that stops reading: the data path keeps its pace, memory is bounded."""
+    import statistics
+
+    import zmq
+
+    from devmgr import _loadgen
+
+    ep = endpoints(root, "s")
+    config = _pipeline_config(root, [ep])
+    path = write_config(root / "stalled-mon.toml", config)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    rates: dict[str, list[float]] = {"none": [], "reading": [], "stalled": []}
+    try:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            mgr.wait_running(1)
+            pid = _device_pid(mgr, "s")
+            sink = ctx.socket(zmq.PULL)
+            sink.setsockopt(zmq.LINGER, 0)
+            sink.connect(ep.out_ep)
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(ep.in_ep)
+
+            def run_once() -> float:
+                got: list[tuple[int, int, int, int]] = []
+                reader = threading.Thread(
+                    target=lambda: got.append(_loadgen.sink(sink, count, 3.0)), daemon=True
+                )
+                reader.start()
+                sent, first_ns, _ = _loadgen.send(push, count, size, 10.0)
+                reader.join(30)
+                assert sent == count and got and got[0][0] == count, (sent, got)
+                return count / max(1e-9, (got[0][3] - first_ns) / 1e9)
+
+            for _ in range(rounds):
+                rates["none"].append(run_once())  # the baseline: nobody subscribed
+            # a subscriber that reads: the monitor costs what it costs
+            reader_sub = ctx.socket(zmq.SUB)
+            reader_sub.setsockopt(zmq.LINGER, 0)
+            reader_sub.setsockopt(zmq.SUBSCRIBE, b"")
+            reader_sub.connect(ep.mon_ep or "")
+            mon_drained: list[Any] = []
+            stop_r, stop_w = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+            for s in (stop_r, stop_w):
+                s.setsockopt(zmq.LINGER, 0)
+            stop_r.bind(f"inproc://stop-{id(stop_r)}")
+            stop_w.connect(f"inproc://stop-{id(stop_r)}")
+            draining = threading.Thread(
+                target=lambda: mon_drained.append(_loadgen.drain(reader_sub, stop_r, 0, 30.0)),
+                daemon=True,
+            )
+            draining.start()
+            for _ in range(rounds):
+                rates["reading"].append(run_once())
+            stop_w.send(b"stop")
+            draining.join(10)
+            reader_sub.close()
+            # a subscriber that stops: first proves its subscription is live, then never reads
+            stalled = ctx.socket(zmq.SUB)
+            stalled.setsockopt(zmq.LINGER, 0)
+            stalled.setsockopt(zmq.RCVHWM, 100)
+            stalled.setsockopt(zmq.SUBSCRIBE, b"")
+            stalled.connect(ep.mon_ep or "")
+
+            def subscribed() -> bool:
+                push.send(b"probe")
+                assert sink.poll(1000) and sink.recv() == b"probe"
+                return stalled.poll(20) != 0
+
+            wait_until(subscribed, timeout=5, what="the stalled subscriber's subscription")
+            stalled.recv_multipart()
+            rss_before = rss_mib(pid)
+            for _ in range(rounds):
+                rates["stalled"].append(run_once())
+            rss_after = rss_mib(pid)
+            assert _device_pid(mgr, "s") == pid
+            assert mgr.devices()["s"]["restarts"] == 0
+            for s in (stalled, sink, push, stop_r, stop_w):
+                s.close()
+            assert mgr.terminate(timeout=10) == 0
+    finally:
+        ctx.destroy(linger=0)
+    baseline = statistics.median(rates["none"])
+    reading = statistics.median(rates["reading"])
+    stalled_rate = statistics.median(rates["stalled"])
+    ratio = stalled_rate / baseline
+    assert ratio >= 0.5, rates
+    assert rss_after - rss_before <= 16, (rss_before, rss_after)
+    return {
+        "count": count,
+        "size": size,
+        "rounds": rounds,
+        "rate_no_sub": round(baseline),
+        "rate_reading_sub": round(reading),
+        "rate_stalled_sub": round(stalled_rate),
+        "ratio": round(ratio, 2),
+        "device_rss_mib": [round(rss_before, 1), round(rss_after, 1)],
+    }
+
+
+def stalled_receiver(
+    root: Path, *, size: int = 1024, hwm: int = 1000, slack_mib: float = 4.0
+) -> dict[str, Any]:
+    """A receiver that stops reading: the device pushes back within its HWMs, loses nothing."""
+    import zmq
+
+    ep = endpoints(root, "h", mon=False)
+    config = {
+        "manager": manager_settings(root),
+        "devices": {
+            "h": pipeline_device(ep, in_options={"rcvhwm": hwm}, out_options={"sndhwm": hwm})
+        },
+    }
+    path = write_config(root / "stalled-recv.toml", config)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            mgr.wait_running(1)
+            pid = _device_pid(mgr, "h")
+            receiver = ctx.socket(zmq.PULL)
+            receiver.setsockopt(zmq.LINGER, 0)
+            receiver.setsockopt(zmq.RCVHWM, hwm)
+            receiver.connect(ep.out_ep)
+            sender = ctx.socket(zmq.PUSH)
+            sender.setsockopt(zmq.LINGER, 0)
+            sender.setsockopt(zmq.SNDHWM, hwm)
+            sender.connect(ep.in_ep)
+            # the receiver is connected once a probe goes through
+            sender.send(b"probe")
+            assert receiver.poll(5000) and receiver.recv() == b"probe"
+            rss_before = rss_mib(pid)
+            payload = b"p" * size
+            accepted = 0
+            # Bounded: send until the queues refuse for 0.5 s, or 100x the HWM sum.
+            limit = 100 * 4 * hwm
+            while accepted < limit:
+                try:
+                    sender.send(payload, zmq.NOBLOCK)
+                    accepted += 1
+                except zmq.Again:
+                    if not sender.poll(500, zmq.POLLOUT):
+                        break
+            rss_full = rss_mib(pid)
+            stats = mgr.client().stats("h")
+            assert accepted < limit, "the device never pushed back"
+            kernel_allowance = int(slack_mib * (1 << 20) / size)
+            bound = 4 * hwm + kernel_allowance
+            assert accepted <= bound, (accepted, bound)
+            assert rss_full - rss_before <= 4 * hwm * size / (1 << 20) + 8, (rss_before, rss_full)
+            # everything accepted is still there, and arrives once the receiver reads
+            received = 0
+            while receiver.poll(1000):
+                receiver.recv()
+                received += 1
+            assert received == accepted, (received, accepted)
+            assert mgr.devices()["h"]["restarts"] == 0
+            for s in (receiver, sender):
+                s.close()
+            assert mgr.terminate(timeout=10) == 0
+    finally:
+        ctx.destroy(linger=0)
+    return {
+        "hwm_each": hwm,
+        "size": size,
+        "accepted_before_pushback": accepted,
+        "device_in_received_while_stalled": stats["in_msgs_received"],
+        "device_out_sent_while_stalled": stats["out_msgs_sent"],
+        "bound": bound,
+        "device_rss_mib": [round(rss_before, 1), round(rss_full, 1)],
+        "received_after": received,
+    }
