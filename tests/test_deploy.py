@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -374,14 +375,27 @@ def test_devmgr_runs_under_the_units_sandbox(sandboxed: list[str], ipc_dir: Path
     config.write_text(text)
     _load_toml_config(text)
     cli = [sys.executable, "-m", "devmgr"]
+    wired = "SdNotify" in (REPO / "devmgr" / "_manager.py").read_text()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's side
+    notify.bind(str(ipc_dir / "notify"))
+    notify.settimeout(30.0)
+    env = {**os.environ, "NOTIFY_SOCKET": str(ipc_dir / "notify"), "WATCHDOG_USEC": "2000000"}
+    env.pop("WATCHDOG_PID", None)
     manager = subprocess.Popen(
         [*sandboxed, *cli, "start", "-c", str(config)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     ctx = zmq.Context()
     try:
+        if wired:  # READY=1, sent from inside the sandbox
+            while notify.recv(4096) != b"READY=1":
+                pass
+            readyz = f"http://127.0.0.1:{ports['metrics']}/readyz"
+            with urllib.request.urlopen(readyz, timeout=5) as reply:
+                assert reply.status == 200
 
         def answers() -> bool:
             ping = [*sandboxed, *cli, "ping", "-c", str(config), "--timeout", "1"]
@@ -417,6 +431,7 @@ def test_devmgr_runs_under_the_units_sandbox(sandboxed: list[str], ipc_dir: Path
         assert "Operation not permitted" not in stderr, stderr
     finally:
         ctx.destroy(linger=0)
+        notify.close()
         if manager.poll() is None:
             manager.kill()
             manager.communicate()
