@@ -129,8 +129,10 @@ def chaos(
         assert client.ping() == "pong"
         # every exit is the one its fault must cause, in order
         wait_until(
-            lambda: sum(e["event"] == "device.exited" for e in traffic.events)
-            >= sum(map(len, injected.values())),
+            lambda: (
+                sum(e["event"] == "device.exited" for e in traffic.events)
+                >= sum(map(len, injected.values()))
+            ),
             timeout=5,
             what="every exit event",
         )
@@ -268,6 +270,8 @@ def graceful_shutdown(
             traffic.wait_flowing(timeout=10)
             _pause(load_s)
             doomed = {p.pid for p in psutil.Process(mgr.pid).children(recursive=True)}
+            device_pids = set(device_children(mgr.pid))
+            assert len(device_pids) == devices
             traffic.stop_sending()
             received_at_term = sum(traffic.received().values())
             assert mgr.proc is not None
@@ -278,7 +282,10 @@ def graceful_shutdown(
             log = mgr.log()
         assert code == 0, log[-2000:]
         assert exit_s <= stop_timeout + 1.0, exit_s
-        assert not alive(doomed), f"left behind: {alive(doomed)}"
+        # the devices are gone before the manager exits; its forkserver and resource
+        # tracker notice the closed pipes a moment later
+        assert not alive(device_pids), f"devices left behind: {alive(device_pids)}"
+        wait_until(lambda: not alive(doomed), timeout=1.0, what="helpers gone")
         traffic.wait_quiet(quiet=0.5)
         sent = sum(f.sent for f in traffic.flows.values())
         received = sum(f.received for f in traffic.flows.values())
@@ -368,6 +375,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _sink_thread(
+    sock: Any, count: int, idle_timeout: float
+) -> tuple[threading.Thread, list[tuple[int, int, int, int]]]:
+    """Receive `count` messages in C on a thread; the result list gets sink()'s tuple."""
+    from devmgr import _loadgen
+
+    result: list[tuple[int, int, int, int]] = []
+    thread = threading.Thread(
+        target=lambda: result.append(_loadgen.sink(sock, count, idle_timeout)), daemon=True
+    )
+    thread.start()
+    return thread, result
+
+
 def burst(
     root: Path,
     *,
@@ -401,11 +422,7 @@ def burst(
                 sink = ctx.socket(zmq.PULL)
                 sink.setsockopt(zmq.LINGER, 0)
                 sink.connect(ep.out_ep)
-                received: list[tuple[int, int, int, int]] = []
-                reader = threading.Thread(
-                    target=lambda: received.append(_loadgen.sink(sink, count, 3.0)), daemon=True
-                )
-                reader.start()
+                reader, received = _sink_thread(sink, count, 3.0)
                 # The producer's own context: terminating it is the disconnect. Its linger
                 # lets its queue reach the device (dropping that would be the producer's
                 # loss, not the device's); term() is bounded by that linger.
@@ -544,11 +561,7 @@ def stalled_monitor(
             push.connect(ep.in_ep)
 
             def run_once() -> float:
-                got: list[tuple[int, int, int, int]] = []
-                reader = threading.Thread(
-                    target=lambda: got.append(_loadgen.sink(sink, count, 3.0)), daemon=True
-                )
-                reader.start()
+                reader, got = _sink_thread(sink, count, 3.0)
                 sent, first_ns, _ = _loadgen.send(push, count, size, 10.0)
                 reader.join(30)
                 assert sent == count and got and got[0][0] == count, (sent, got)
@@ -691,3 +704,410 @@ def stalled_receiver(
         "device_rss_mib": [round(rss_before, 1), round(rss_full, 1)],
         "received_after": received,
     }
+
+
+# ---------------------------------------------------------------------------- 6. bad input
+
+ERROR_CODES = {"bad_request", "unknown_command", "unknown_device", "invalid_spec", "too_large"}
+
+
+def _fuzz_request(rng: random.Random) -> tuple[list[bytes], str]:
+    """One malformed or refused control request, and the error code it must get.
+
+    Nothing here is a valid command that changes anything: the manager under load must
+    answer each with an error and leave its devices alone.
+    """
+    import json
+
+    def frame(obj: Any) -> list[bytes]:
+        return [json.dumps(obj).encode()]
+
+    choice = rng.randrange(14)
+    if choice == 0:
+        return [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))], "bad_request"
+    if choice == 1:
+        text = json.dumps({"v": 1, "id": 1, "cmd": "status"})
+        return [text[: rng.randrange(1, len(text))].encode()], "bad_request"
+    if choice == 2:
+        return frame(rng.choice([[], [1, 2], 3, "status", None, True, 1.5])), "bad_request"
+    if choice == 3:
+        request = {"id": rng.randrange(100), "cmd": "ping"}
+        v = rng.choice([None, 0, 2, "1", 1.5, [1]])
+        if v is not None:
+            request["v"] = v
+        return frame(request), "bad_request"
+    if choice == 4:
+        cmd = rng.choice(["", "STATUS", "exec", "status ", "__class__", "x" * 300, "\u00e9t\u00e9"])
+        return frame({"v": 1, "id": 4, "cmd": cmd}), "unknown_command"
+    if choice == 5:
+        return frame({"v": 1, "id": 5, "cmd": rng.choice([1, None, ["ping"], {"a": 1}])}), (
+            "bad_request"
+        )
+    if choice == 6:
+        args = rng.choice([[], "names", 7, None, [{"names": ["*"]}]])
+        return frame({"v": 1, "id": 6, "cmd": "status", "args": args}), "bad_request"
+    if choice == 7:
+        cmd, args = rng.choice(
+            [
+                ("status", {"names": 5}),
+                ("start", {"names": "x"}),
+                ("stop", {}),
+                ("restart", {"names": [1, 2]}),
+                ("pause", {"name": 123}),
+                ("resume", {}),
+                ("stats", {"name": None}),
+                ("remove", {"name": ["a"]}),
+                ("add", {"spec": "not a table"}),
+            ]
+        )
+        return frame({"v": 1, "id": 7, "cmd": cmd, "args": args}), "bad_request"
+    if choice == 8:
+        cmd, args = rng.choice(
+            [
+                ("status", {"names": ["nope"]}),
+                ("start", {"names": ["nope"]}),
+                ("stop", {"names": ["nope", "also-nope"]}),
+                ("restart", {"names": ["nope"]}),
+                ("pause", {"name": "nope"}),
+                ("stats", {"name": "nope"}),
+                ("remove", {"name": "nope"}),
+            ]
+        )
+        return frame({"v": 1, "id": 8, "cmd": cmd, "args": args}), "unknown_device"
+    if choice == 9:
+        spec = rng.choice(
+            [
+                {"name": "fz", "kind": "streamer", "in": {"type": "ROUTR"}},
+                {"name": "fz", "kind": "queue"},
+                {"name": "bad name!", "in": {"type": "PULL"}, "out": {"type": "PUSH"}},
+                {"name": "fz", "in": {"type": "PULL", "bind": ["tcp://nowhere:x"]}},
+            ]
+        )
+        return frame({"v": 1, "id": 9, "cmd": "add", "args": {"spec": spec}}), "invalid_spec"
+    if choice == 10:
+        return [*[b"x", b"y"][: rng.randrange(1, 3)], b"z"], "bad_request"
+    if choice == 11:
+        depth = rng.choice([100, 10_000, 200_000])
+        return [b"[" * depth + b"]" * depth], "bad_request"
+    if choice == 12:
+        blob = json.dumps({"v": 1, "id": 12, "cmd": "ping", "pad": "x" * (1 << 20)})
+        return [blob.encode()], "too_large"
+    return [b"\xff\xfe" + "\u2603".encode() * rng.randrange(1, 50)], "bad_request"
+
+
+def control_fuzz(
+    root: Path, *, requests: int = 300, devices: int = 3, seed: int = 7, rate: float = 500.0
+) -> dict[str, Any]:
+    """Malformed control requests against a manager under load: errors, no harm done."""
+    import json
+
+    import zmq
+
+    eps = [endpoints(root, f"f{i}") for i in range(devices)]
+    config = _pipeline_config(root, eps)
+    path = write_config(root / "fuzz.toml", config)
+    control = config["manager"]["control"]
+    rng = random.Random(seed)
+    codes: Counter[str] = Counter()
+    worst_status_ms = 0.0
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with Traffic(eps, rate=rate) as traffic, ManagerProc(path, control=control) as mgr:
+            before = mgr.wait_running(devices)
+            traffic.wait_flowing(timeout=10)
+            fuzzer = ctx.socket(zmq.DEALER)
+            fuzzer.setsockopt(zmq.LINGER, 0)
+            fuzzer.connect(control)
+            client = mgr.client(timeout=5)
+            for i in range(requests):
+                frames, expected = _fuzz_request(rng)
+                # a REQ-style empty delimiter sometimes, as REQ clients send it
+                if frames[0] != b"" and rng.random() < 0.2:
+                    frames = [b"", *frames]
+                fuzzer.send_multipart(frames)
+                assert fuzzer.poll(5000), f"no reply to request {i}: {frames[:2]!r}"
+                reply_frames = fuzzer.recv_multipart()
+                reply = json.loads(reply_frames[-1])
+                assert reply["v"] == 1 and reply["ok"] is False, reply
+                code = reply["error"]["code"]
+                assert code in ERROR_CODES, reply
+                # the multipart case and delimiters shift what is parsed: only check the
+                # code where the request was one plain frame after the envelope
+                if len(frames) == 1 or (frames[0] == b"" and len(frames) == 2):
+                    assert code == expected, (frames[-1][:200], reply)
+                codes[code] += 1
+                if i % 25 == 0:
+                    t0 = time.perf_counter()
+                    assert client.ping() == "pong"
+                    worst_status_ms = max(worst_status_ms, (time.perf_counter() - t0) * 1000)
+            # an oversized frame beyond libzmq's cut-off drops that connection, nothing else
+            huge = ctx.socket(zmq.DEALER)
+            huge.setsockopt(zmq.LINGER, 0)
+            huge.connect(control)
+            huge.send(b"x" * (17 << 20))
+            assert client.ping() == "pong"
+            huge.close()
+            after = mgr.devices()
+            for name, d in after.items():
+                assert d["state"] == "running", d
+                assert d["pid"] == before[name]["pid"], (name, "restarted")
+                assert d["restarts"] == 0
+            traffic.stop_sending()
+            traffic.wait_quiet(quiet=0.5)
+            lost = sum(f.missing() for f in traffic.flows.values())
+            assert lost == 0, {n: f.missing() for n, f in traffic.flows.items()}
+            fuzzer.close()
+            assert mgr.terminate(timeout=10) == 0
+    finally:
+        ctx.destroy(linger=0)
+    return {
+        "requests": requests,
+        "seed": seed,
+        "replies_by_code": dict(codes),
+        "worst_ping_ms_during_fuzz": round(worst_status_ms, 2),
+        "traffic_lost": 0,
+    }
+
+
+def _bad_configs(root: Path) -> list[tuple[str, dict[str, Any] | str, str]]:
+    """(id, config, the place its problem must be named at); each device table ipc-only."""
+    good_in = {"type": "PULL", "bind": [f"ipc://{root}/bad-in"]}
+    good_out = {"type": "PUSH", "bind": [f"ipc://{root}/bad-out"]}
+    mgr = manager_settings(root)
+
+    def dev(**table: Any) -> dict[str, Any]:
+        return {"kind": "streamer", "in": good_in, "out": good_out, **table}
+
+    return [
+        (
+            "socket-type",
+            {"manager": mgr, "devices": {"x": dev(**{"in": {"type": "ROUTR"}})}},
+            "devices.x.in.type",
+        ),
+        (
+            "unknown-option",
+            {"manager": mgr, "devices": {"x": dev(**{"in": {**good_in, "options": {"bogus": 1}}})}},
+            "devices.x.in.options.bogus",
+        ),
+        (
+            "kind-mismatch",
+            {"manager": mgr, "devices": {"x": dev(**{"in": {**good_in, "type": "ROUTER"}})}},
+            "devices.x.in.type",
+        ),
+        (
+            "restart-policy",
+            {"manager": mgr, "devices": {"x": dev(restart={"policy": "often"})}},
+            "devices.x.restart.policy",
+        ),
+        (
+            "bad-endpoint",
+            {
+                "manager": mgr,
+                "devices": {
+                    "x": dev(**{"in": {"type": "PULL", "bind": ["tcp://127.0.0.1:notaport"]}})
+                },
+            },
+            "devices.x.in.bind",
+        ),
+        (
+            "health-interval",
+            {"manager": {**mgr, "health_interval": -1}, "devices": {"x": dev()}},
+            "manager.health_interval",
+        ),
+        ("duplicate-bind", {"manager": mgr, "devices": {"x": dev(), "y": dev()}}, "devices.y"),
+        ("toml-syntax", "[manager\ncontrol = ", "line 1"),
+    ]
+
+
+def bad_configs(root: Path, *, cli_cases: int | None = None) -> dict[str, Any]:
+    """Bad configs through `devmgr start`, `devmgr validate`, add and reload: all refused."""
+    import subprocess
+    import sys
+
+    from .support import toml_dump
+
+    cases = _bad_configs(root)
+    results: dict[str, Any] = {"cases": len(cases)}
+    if cli_cases != 0:
+        procs = []
+        # a whole interpreter per run: the short version takes a few, the long one all
+        for case_id, config, where in cases[:cli_cases]:
+            path = root / f"bad-{case_id}.toml"
+            path.write_text(config if isinstance(config, str) else toml_dump(config))
+            for verb in ("start", "validate"):
+                procs.append(
+                    (
+                        case_id,
+                        verb,
+                        where,
+                        subprocess.Popen(
+                            [sys.executable, "-m", "devmgr", verb, "-c", str(path)],
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                        ),
+                    )
+                )
+        for case_id, verb, where, proc in procs:
+            try:
+                out, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            text = (out + err).decode()
+            assert proc.returncode == 2, (case_id, verb, proc.returncode, text)
+            assert where in text, (case_id, verb, where, text)
+        # nothing started: no control socket, no device endpoint
+        leftovers = [p.name for p in root.iterdir() if not p.name.endswith(".toml")]
+        assert not [n for n in leftovers if n in ("control", "events", "bad-in", "bad-out")], (
+            leftovers
+        )
+        results["cli_runs"] = len(procs)
+    # add and reload against a running manager: refused, nothing running changes
+    ep = endpoints(root, "ok", mon=False)
+    good = {"manager": manager_settings(root), "devices": {"ok": pipeline_device(ep)}}
+    path = write_config(root / "running.toml", good)
+    refused_add = refused_reload = 0
+    with (
+        Traffic([ep], rate=300) as traffic,
+        ManagerProc(path, control=good["manager"]["control"]) as mgr,
+    ):
+        before = mgr.wait_running(1)
+        traffic.wait_flowing(timeout=10)
+        client = mgr.client(timeout=10)
+        for case_id, config, where in cases:
+            if isinstance(config, str):
+                continue
+            if where.startswith("devices.x"):
+                spec = {**config["devices"]["x"], "name": "x"}
+                try:
+                    client.add(spec)
+                except devmgr.ControlError as exc:
+                    assert exc.code == "invalid_spec", (case_id, exc.code, exc.message)
+                    assert where in exc.message, (case_id, where, exc.message)
+                    refused_add += 1
+                else:
+                    raise AssertionError(f"add accepted {case_id}")
+            path.write_text(toml_dump(config))
+            try:
+                client.reload()
+            except devmgr.ControlError as exc:
+                assert exc.code == "invalid_spec", (case_id, exc.code, exc.message)
+                assert where in exc.message, (case_id, where, exc.message)
+                refused_reload += 1
+            else:
+                raise AssertionError(f"reload accepted {case_id}")
+            now = mgr.devices()
+            assert list(now) == ["ok"], now
+            assert now["ok"]["pid"] == before["ok"]["pid"] and now["ok"]["state"] == "running"
+        path.write_text("[manager\n")
+        try:
+            client.reload()
+        except devmgr.ControlError as exc:
+            assert exc.code == "invalid_spec" and "line 1" in exc.message, exc.message
+            refused_reload += 1
+        assert mgr.devices()["ok"]["pid"] == before["ok"]["pid"]
+        traffic.wait_flowing(timeout=5)
+        assert mgr.terminate(timeout=10) == 0
+    results.update({"add_refused": refused_add, "reload_refused": refused_reload})
+    return results
+
+
+def garbage_peers(root: Path, *, rounds: int = 1) -> dict[str, Any]:
+    """Peers that send garbage to a ROUTER/DEALER queue: nothing crashes, good traffic flows."""
+    import socket as pysocket
+
+    import zmq
+
+    port = free_port()
+    front = f"ipc://{root}/q-front"
+    back = f"ipc://{root}/q-back"
+    table = {
+        "kind": "queue",
+        "in": {
+            "type": "ROUTER",
+            "bind": [front, f"tcp://127.0.0.1:{port}"],
+            "options": {"maxmsgsize": 4096, "router_mandatory": 1},
+        },
+        "out": {"type": "DEALER", "bind": [back], "options": {"maxmsgsize": 4096}},
+    }
+    config = {"manager": manager_settings(root), "devices": {"q": table}}
+    path = write_config(root / "garbage.toml", config)
+    injected: Counter[str] = Counter()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+
+    def sock(kind: int, endpoint: str, **options: Any) -> zmq.Socket[bytes]:
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 10)
+        for name, value in options.items():
+            s.setsockopt(getattr(zmq, name.upper()), value)
+        s.connect(endpoint)
+        return s
+
+    try:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            pid = mgr.wait_running(1)["q"]["pid"]
+            worker = sock(zmq.DEALER, back)
+            good = sock(zmq.REQ, front, rcvtimeo=3000)
+
+            def echo_round_trip(token: bytes) -> None:
+                good.send(token)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if worker.poll(100):
+                        request = worker.recv_multipart()
+                        if request[-1] == token:
+                            worker.send_multipart(request)
+                            break
+                assert good.recv() == token
+
+            echo_round_trip(b"before")
+            for _ in range(rounds):
+                rude = sock(zmq.DEALER, front)
+                # wrong frame counts, towards the worker: many frames, empty frames
+                rude.send_multipart([b""] * 3)
+                rude.send_multipart([b"f%d" % i for i in range(64)])
+                rude.send(b"")
+                injected["client_odd_frames"] += 3
+                # oversized: libzmq cuts that peer off at maxmsgsize
+                rude.send(b"x" * 10_000)
+                injected["client_oversized"] += 1
+                # replies from the worker that route nowhere (router_mandatory: dropped)
+                worker.send_multipart([b"no-such-peer", b"", b"x"])
+                worker.send(b"")
+                worker.send_multipart([b"\x00" * 300, b"y"])
+                injected["worker_unroutable"] += 3
+                worker.send(b"w" * 10_000)
+                injected["worker_oversized"] += 1
+                # bytes that are not ZMTP at all, on the tcp endpoint
+                for blob in (
+                    os.urandom(512),
+                    b"\xff" + bytes(8) + b"\x7f\x03\x00NULL" + bytes(20) + os.urandom(64),
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                ):
+                    raw = pysocket.create_connection(("127.0.0.1", port), timeout=2)
+                    try:
+                        raw.sendall(blob)
+                    except OSError:
+                        pass  # the device may hang up first
+                    finally:
+                        raw.close()
+                    injected["raw_tcp_garbage"] += 1
+                rude.close()
+                # drain what the worker got from the rude client; it answers nothing
+                while worker.poll(200):
+                    worker.recv_multipart()
+                echo_round_trip(b"after")
+            d = mgr.devices()["q"]
+            assert d["state"] == "running", d
+            crashed = d["pid"] != pid
+            if crashed:  # then it must have been restarted, and the reason logged
+                assert d["restarts"] >= 1 and "device.exited q" in mgr.log(), mgr.log()[-2000:]
+            for s in (worker, good):
+                s.close()
+            assert mgr.terminate(timeout=10) == 0
+    finally:
+        ctx.destroy(linger=0)
+    return {"injected": dict(injected), "device_crashed": crashed, "restarts": d["restarts"]}

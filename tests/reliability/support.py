@@ -340,7 +340,7 @@ class Flow:
         return [seq for seq in range(self.sent) if seq >= len(self.seen) or not self.seen[seq]]
 
     def lost_after_forwarding(self) -> int:
-        """Missing messages the monitor saw: the device forwarded them, the receiver never got them."""
+        """Count missing messages the monitor saw: forwarded by the device, never received."""
         mon = self.monitor_seen
         return sum(1 for seq in self.missing_seqs() if seq < len(mon) and mon[seq])
 
