@@ -87,6 +87,12 @@ class Manager:
         self._in_run = False
         self._stopping_emitted = False
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        from devmgr._notify import SdNotify
+
+        self._notify = SdNotify()
+        self._metrics: Any = None
+        self._heartbeat = 0.0
+        self._summary = ""
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -137,6 +143,17 @@ class Manager:
         self._started_at = time.time()
         self._thread = threading.Thread(target=self._run_loop, name="devmgr-loop", daemon=True)
         self._thread.start()
+        self._loop.call_soon_threadsafe(self._beat)
+        if settings.metrics is not None:
+            from devmgr._metrics import MetricsServer
+
+            self._metrics = MetricsServer(settings.metrics, self._metrics_status)
+            try:
+                self._metrics.start()
+            except DevmgrError:
+                self._metrics = None
+                self.stop()
+                raise
 
         def setup(resolve: Callable[[Any], None], reject: Callable[[BaseException], None]) -> None:
             assert self._fleet is not None and self._control is not None
@@ -151,6 +168,41 @@ class Manager:
                 self._fleet.start(dev, finish)
 
         self._call(setup)
+        self._loop.call_soon_threadsafe(self._update_status)
+        self._notify.ready()
+
+    def _beat(self) -> None:
+        assert self._loop is not None
+        self._heartbeat = time.monotonic()
+        interval = self._notify.watchdog_interval()
+        if interval is not None:
+            self._notify.watchdog()
+        self._loop.call_later(min(interval or 1.0, 1.0), self._beat)
+
+    def _update_status(self) -> None:
+        if self._fleet is None:
+            return
+        counts: dict[str, int] = {}
+        for dev in self._fleet.devices.values():
+            counts[dev.sup.state.value] = counts.get(dev.sup.state.value, 0) + 1
+        summary = ", ".join(
+            [f"{counts.get(s, 0)} {s}" for s in ("running", "backoff", "fatal")]
+            + [f"{n} {s}" for s, n in counts.items() if s not in ("running", "backoff", "fatal")]
+        )
+        if summary != self._summary:
+            self._summary = summary
+            self._notify.status(summary)
+
+    def _metrics_status(self) -> dict[str, Any]:
+        alive = time.monotonic() - self._heartbeat < 5.0
+        try:
+            status: dict[str, Any] = self._call(
+                lambda resolve, reject: resolve(self.status_dict()), timeout=2.0
+            )
+        except Exception:
+            return {"alive": False}
+        status["alive"] = alive
+        return status
 
     def _bind(self, kind: int, endpoint: str, curve: bool = False) -> zmq.Socket[bytes]:
         assert self._ctx is not None
@@ -200,6 +252,7 @@ class Manager:
             if self._thread is None or self._loop is None:
                 return
             if self._thread.is_alive():
+                self._notify.stopping()
                 if not self._stopping_emitted:
                     self._emit_threadsafe("manager.stopping")
                 try:
@@ -208,6 +261,9 @@ class Manager:
                     log.error("devices did not stop within %ss", timeout)
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join()
+            if self._metrics is not None:
+                self._metrics.stop()
+                self._metrics = None
             self._teardown()
             self._thread = None
             self._shutdown_requested.set()
@@ -294,6 +350,8 @@ class Manager:
                 pass
         if self.on_event is not None:
             self.on_event(topic, event)
+        if topic.startswith("device."):
+            self._update_status()
 
     def _emit_threadsafe(self, topic: str, **fields: Any) -> None:
         if self._loop is not None:
@@ -407,6 +465,13 @@ class Manager:
         """Apply a new config device by device: only what changed is touched."""
         assert self._fleet is not None
         fleet = self._fleet
+        self._notify.reloading()
+        finished = done
+
+        def done(result: Any, error: ControlError | None) -> None:
+            self._notify.ready()
+            finished(result, error)
+
         if config is None:
             if self.config.path is None:
                 raise ControlError(
@@ -532,8 +597,12 @@ def _log_event(event: dict[str, Any]) -> None:
         elif key == "delay":
             text = f"{value}s"
         parts.append(f"{key}={text}")
-    level = logging.WARNING if topic in ("device.exited", "device.unhealthy") else logging.INFO
-    if topic == "device.fatal":
+    level = logging.INFO
+    if topic == "device.unhealthy" or (
+        topic == "device.exited" and event.get("reason") != "stopped"
+    ):
+        level = logging.WARNING
+    elif topic == "device.fatal":
         level = logging.ERROR
-    what = f"{topic} {device}" if device else topic
-    log.log(level, "%s %s", what, " ".join(parts), extra={"event": event})
+    text = " ".join([topic, *([device] if device else []), *parts])
+    log.log(level, "%s", text, extra={"event": event})

@@ -18,9 +18,11 @@ EXIT_OK, EXIT_USAGE = 0, 2
 class _TextFormatter(logging.Formatter):
     """One readable line per record; no timestamp when journald adds its own."""
 
+    converter = time.gmtime  # on this formatter only, not on every one in the process
+
     def __init__(self, timestamps: bool) -> None:
-        fmt = "%(asctime)s %(levelname)s %(message)s" if timestamps else "%(levelname)s %(message)s"
-        super().__init__(fmt)
+        prefix = "%(asctime)sZ " if timestamps else ""
+        super().__init__(prefix + "%(levelname)s %(message)s")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -41,16 +43,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def _stderr_is_journal() -> bool:
+    """Return True when stderr is the journal stream systemd gave us (systemd.exec(5)).
+
+    JOURNAL_STREAM leaks into children whose stderr goes elsewhere, so compare it with
+    stderr's own device and inode, as systemd advises.
+    """
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the devmgr logger for the command line (the library never does)."""
     handler = logging.StreamHandler(sys.stderr)
-    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    under_journald = _stderr_is_journal()
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter(not under_journald))
     root = logging.getLogger("devmgr")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    logging.Formatter.converter = time.gmtime
 
 
 def start_main(args: argparse.Namespace) -> int:
