@@ -34,7 +34,12 @@ def record(request: pytest.FixtureRequest) -> Record:
 
     def write(scenario: str, figures: dict[str, Any]) -> None:
         slow = request.node.get_closest_marker("slow") is not None
-        line = {"scenario": scenario, "mode": "long" if slow else "short", **figures}
+        line = {
+            "scenario": scenario,
+            "mode": "long" if slow else "short",
+            "test": request.node.originalname,
+            **figures,
+        }
         print(json.dumps(line))
         target = os.environ.get("RELIABILITY_FIGURES")
         if target:
