@@ -1,0 +1,42 @@
+"""Type stub of devmgr's native core (core/_core.pyx, compiled into devmgr._core)."""
+
+from typing import Any
+
+import zmq
+
+def proxy(
+    in_socket: zmq.Socket[Any],
+    out_socket: zmq.Socket[Any],
+    mon_socket: zmq.Socket[Any] | None = None,
+    ctrl_socket: zmq.Socket[Any] | None = None,
+    in_prefix: bytes = b"in",
+    out_prefix: bytes = b"out",
+    *,
+    signal_fd: int = -1,
+    drain_timeout: float | None = 1.0,
+) -> None:
+    """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
+
+    Both directions are relayed (a direction whose source cannot receive or whose
+    destination cannot send, e.g. a FORWARDER's PUB side, is skipped); each whole
+    message is copied to `mon_socket` behind its direction's prefix frame; ROUTER to
+    ROUTER swaps the two identity frames. `ctrl_socket` takes PAUSE, RESUME, TERMINATE,
+    STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
+    handlers; a SIGTERM or SIGINT byte drains and returns like TERMINATE, unanswered.
+    `drain_timeout`: seconds to drain after TERMINATE (None: until done).
+
+    Returns None after TERMINATE or a SIGTERM/SIGINT byte, once drained.
+
+    Raises:
+        zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
+        TypeError: a prefix is a str, or a socket is not a zmq socket.
+        ValueError: neither direction can be relayed between these socket types.
+        zmq.ZMQError: any other libzmq error (a closed socket, a wrong socket type).
+        BaseException: whatever a Python signal handler raised.
+    """
+
+def libzmq_path() -> str | None:
+    """Return the file of the libzmq whose functions the loop calls."""
+
+def libzmq_version() -> tuple[int, int, int]:
+    """Return the (major, minor, patch) version of that libzmq."""

@@ -1,0 +1,759 @@
+"""The forwarding loop (devmgr._core.proxy / devmgr.monitored_queue) with real sockets.
+
+Semantics tests run against pyzmq's monitored_queue too where it can take part, so the
+drop-in claim is checked rather than assumed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+import zmq.devices
+
+from devmgr import _core
+from devmgr._devices import STAT_KEYS, monitored_queue, parse_stats
+
+from conftest import wait_until
+
+Socket = zmq.Socket[Any]
+MonitoredQueueFn = Callable[..., Any]
+IMPLEMENTATIONS: dict[str, MonitoredQueueFn] = {
+    "devmgr": monitored_queue,
+    "pyzmq": zmq.devices.monitored_queue,
+}
+
+
+class LoopThread:
+    """Run a loop function in a thread and remember how it ended."""
+
+    def __init__(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.error: BaseException | None = None
+        self.returned = False
+        self._target = target
+        self.thread = threading.Thread(target=self._run, args=args, kwargs=kwargs, daemon=True)
+        self.thread.start()
+
+    def _run(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self._target(*args, **kwargs)
+            self.returned = True
+        except BaseException as exc:  # recorded for the test to inspect
+            self.error = exc
+
+    def join(self, timeout: float = 5.0) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the loop did not end"
+
+
+class Harness:
+    """One context for a test: sockets with linger=0, loops in threads, clean teardown."""
+
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[Socket] = zmq.Context()
+        self.sockets: list[Socket] = []
+        self.loops: list[LoopThread] = []
+        self._names = 0
+
+    def socket(self, kind: int, **options: Any) -> Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.rcvtimeo = 5000
+        sock.sndtimeo = 5000
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name.upper()), value)
+        self.sockets.append(sock)
+        return sock
+
+    def endpoint(self) -> str:
+        self._names += 1
+        return f"inproc://ep{self._names}"
+
+    def pair(
+        self, kind: int, peer: int, peer_options: dict[str, Any] | None = None, **options: Any
+    ) -> tuple[Socket, Socket]:
+        """A bound socket for the device and a connected peer (options set before both)."""
+        endpoint = self.endpoint()
+        device_side = self.socket(kind, **options)
+        device_side.bind(endpoint)
+        peer_side = self.socket(peer, **(peer_options or {}))
+        peer_side.connect(endpoint)
+        return device_side, peer_side
+
+    def run(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopThread:
+        loop = LoopThread(target, *args, **kwargs)
+        self.loops.append(loop)
+        return loop
+
+    def close(self) -> None:
+        # ETERM ends every loop still running (pyzmq's included); then close and finish.
+        terminator = threading.Thread(target=self.ctx.term, daemon=True)
+        terminator.start()
+        for loop in self.loops:
+            loop.thread.join(5)
+        for sock in self.sockets:
+            sock.close(linger=0)
+        terminator.join(5)
+        assert not terminator.is_alive(), "context termination hung"
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def command(ctrl: Socket, *frames: bytes) -> list[bytes]:
+    """Send one control request and return its reply."""
+    ctrl.send_multipart(list(frames))
+    assert ctrl.poll(5000), f"no reply to {frames!r}"
+    return ctrl.recv_multipart()
+
+
+def stats(ctrl: Socket) -> dict[str, int]:
+    return parse_stats(command(ctrl, b"STATISTICS"))
+
+
+def subscribed_monitor(h: Harness, mon: Socket, topic: bytes = b"") -> Socket:
+    sub = h.socket(zmq.SUB)
+    sub.subscribe(topic)
+    sub.connect(mon.getsockopt_string(zmq.LAST_ENDPOINT))
+    return sub
+
+
+def settle(send_probe: Callable[[], None], *receivers: Socket) -> None:
+    """Send probes until every receiver got one (routes and subscriptions are up).
+
+    Then swallow the probes, so that the test proper starts from empty queues.
+    """
+    pending = set(range(len(receivers)))
+
+    def all_seen() -> bool:
+        send_probe()
+        for index in list(pending):
+            if receivers[index].poll(20):
+                pending.discard(index)
+        return not pending
+
+    wait_until(all_seen, timeout=5, what="probes to reach every receiver")
+    for receiver in receivers:
+        while receiver.poll(50):
+            receiver.recv_multipart()
+
+
+# --- relaying and the monitor --------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_queue_relays_both_ways_and_monitor_gets_prefix_then_message(h: Harness, impl: str) -> None:
+    ins, client = h.pair(zmq.ROUTER, zmq.DEALER)
+    outs, worker = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB)
+    mon.bind(h.endpoint())
+    sub = subscribed_monitor(h, mon)
+    h.run(IMPLEMENTATIONS[impl], ins, outs, mon)
+    settle(lambda: client.send(b"probe"), worker, sub)
+    client.send_multipart([b"req", b"part2"])
+    request = worker.recv_multipart()
+    assert request[1:] == [b"req", b"part2"]
+    identity = request[0]
+    assert sub.recv_multipart() == [b"in", identity, b"req", b"part2"]
+    worker.send_multipart([identity, b"rep"])
+    assert client.recv_multipart() == [b"rep"]
+    assert sub.recv_multipart() == [b"out", identity, b"rep"]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_order_is_kept_in_both_directions(h: Harness, impl: str) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB)
+    h.run(IMPLEMENTATIONS[impl], ins, outs, mon)
+    count = 2000
+    for i in range(count):
+        left.send(b"L%d" % i)
+        right.send(b"R%d" % i)
+    assert [right.recv() for _ in range(count)] == [b"L%d" % i for i in range(count)]
+    assert [left.recv() for _ in range(count)] == [b"R%d" % i for i in range(count)]
+
+
+def test_default_and_custom_prefixes(h: Harness) -> None:
+    for prefixes, expected in (((), (b"in", b"out")), ((b"IN>", b""), (b"IN>", b""))):
+        ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+        outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+        mon = h.socket(zmq.PUB)
+        mon.bind(h.endpoint())
+        sub = subscribed_monitor(h, mon)
+        ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+        loop = h.run(monitored_queue, ins, outs, mon, *prefixes, ctrl_socket=ctrl)
+        settle(lambda left=left: left.send(b"probe"), right, sub)
+        left.send(b"to-right")
+        right.recv()
+        right.send(b"to-left")
+        left.recv()
+        assert sub.recv_multipart() == [expected[0], b"to-right"]
+        assert sub.recv_multipart() == [expected[1], b"to-left"]
+        assert command(control, b"TERMINATE") == [b"OK"]
+        loop.join()
+
+
+def test_monitor_subscriber_filters_by_prefix(h: Harness) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB)
+    mon.bind(h.endpoint())
+    sub = subscribed_monitor(h, mon, topic=b"out")
+    h.run(monitored_queue, ins, outs, mon)
+    settle(lambda: right.send(b"probe"), left, sub)
+    for i in range(5):
+        left.send(b"in-%d" % i)
+        right.send(b"out-%d" % i)
+    for _ in range(5):
+        right.recv()
+        left.recv()
+    # PUB keeps order, so in-direction copies (had they passed) would come first
+    assert [sub.recv_multipart() for _ in range(5)] == [[b"out", b"out-%d" % i] for i in range(5)]
+    assert not sub.poll(100)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_router_to_router_swaps_identities_with_dealer_peers(h: Harness, impl: str) -> None:
+    ins = h.socket(zmq.ROUTER)
+    outs = h.socket(zmq.ROUTER)
+    ins.bind("inproc://front")
+    outs.bind("inproc://back")
+    client = h.socket(zmq.DEALER, routing_id=b"client")
+    worker = h.socket(zmq.DEALER, routing_id=b"worker")
+    client.connect("inproc://front")
+    worker.connect("inproc://back")
+    mon = h.socket(zmq.PUB)
+    mon.bind(h.endpoint())
+    sub = subscribed_monitor(h, mon)
+    h.run(IMPLEMENTATIONS[impl], ins, outs, mon)
+    # a ROUTER drops what it cannot route yet: probe until the route and the
+    # subscription are both in place
+    settle(lambda: client.send_multipart([b"worker", b"probe"]), worker, sub)
+    client.send_multipart([b"worker", b"request"])
+    assert worker.recv_multipart() == [b"client", b"request"]
+    worker.send_multipart([b"client", b"reply"])
+    assert client.recv_multipart() == [b"worker", b"reply"]
+    # as pyzmq: the monitor shows the frames in the order they were sent on
+    assert sub.recv_multipart() == [b"in", b"worker", b"client", b"request"]
+    assert sub.recv_multipart() == [b"out", b"client", b"worker", b"reply"]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("which", ["in_prefix", "out_prefix"])
+def test_str_prefix_is_a_type_error(h: Harness, impl: str, which: str) -> None:
+    ins, _ = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, _ = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB)
+    with pytest.raises(TypeError):
+        IMPLEMENTATIONS[impl](ins, outs, mon, **{which: "text"})
+
+
+def test_without_monitor_is_a_plain_proxy(h: Harness) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, consumer = h.pair(zmq.PUSH, zmq.PULL)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl)
+    producer.send_multipart([b"a", b"b"])
+    assert consumer.recv_multipart() == [b"a", b"b"]
+    assert command(control, b"TERMINATE") == [b"OK"]
+    loop.join()
+    assert loop.returned and loop.error is None
+
+
+def test_xpub_xsub_forwarder_carries_subscriptions_out_to_in(h: Harness) -> None:
+    ins, publisher = h.pair(zmq.XSUB, zmq.PUB)
+    outs, subscriber = h.pair(zmq.XPUB, zmq.SUB)
+    mon = h.socket(zmq.PUB)
+    mon.bind(h.endpoint())
+    spy = subscribed_monitor(h, mon, topic=b"out")
+    h.run(monitored_queue, ins, outs, mon)
+    subscriber.subscribe(b"news")
+    # the subscription travels out -> in and shows on the monitor with the out prefix
+    assert spy.recv_multipart() == [b"out", b"\x01news"]
+
+    def delivered() -> bool:
+        publisher.send(b"news: up")
+        return bool(subscriber.poll(20))
+
+    wait_until(delivered, what="a published message to reach the subscriber")
+    assert subscriber.recv() == b"news: up"
+
+
+# --- control -------------------------------------------------------------------------
+
+
+def test_ping_statistics_and_errors(h: Harness) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    h.run(monitored_queue, ins, outs, mon, ctrl_socket=ctrl)
+    assert command(control, b"PING") == [b"PONG"]
+    assert stats(control) == dict.fromkeys(STAT_KEYS, 0)
+
+    left.send_multipart([b"a" * 10, b"b" * 5])  # one message of 15 bytes
+    left.send(b"c" * 7)
+    right.send(b"x" * 3)
+    assert right.recv_multipart() == [b"a" * 10, b"b" * 5]
+    assert right.recv() == b"c" * 7
+    assert left.recv() == b"x" * 3
+    assert stats(control) == {
+        "in_msgs_received": 2,
+        "in_bytes_received": 22,
+        "in_msgs_sent": 1,
+        "in_bytes_sent": 3,
+        "out_msgs_received": 1,
+        "out_bytes_received": 3,
+        "out_msgs_sent": 2,
+        "out_bytes_sent": 22,
+    }
+    reply = command(control, b"STATISTICS")
+    assert len(reply) == 8 and all(len(f) == 8 for f in reply)
+    assert struct.unpack("=Q", reply[0])[0] == 2  # native-endian uint64
+
+    assert command(control, b"ping") == [b"ERROR"]
+    assert command(control, b"NOPE") == [b"ERROR"]
+    assert command(control, b"") == [b"ERROR"]
+    # a multipart command is consumed whole and answered once
+    assert command(control, b"PING", b"extra", b"more") == [b"ERROR"]
+    assert not control.poll(100)
+    assert command(control, b"PING") == [b"PONG"]
+
+
+def test_pause_holds_messages_and_resume_delivers_them_all(h: Harness) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    h.run(_core.proxy, ins, outs, None, ctrl)
+    assert command(control, b"PAUSE") == [b"OK"]
+    for i in range(300):
+        left.send(b"L%d" % i)
+        right.send(b"R%d" % i)
+    assert not right.poll(300) and not left.poll(0)
+    assert command(control, b"PING") == [b"PONG"]  # control keeps answering while paused
+    assert stats(control)["in_msgs_received"] == 0
+    assert command(control, b"RESUME") == [b"OK"]
+    assert [right.recv() for _ in range(300)] == [b"L%d" % i for i in range(300)]
+    assert [left.recv() for _ in range(300)] == [b"R%d" % i for i in range(300)]
+    assert stats(control)["out_msgs_received"] == 300
+
+
+def test_terminate_drains_what_is_queued_in_the_device_then_answers(h: Harness) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, consumer = h.pair(zmq.PUSH, zmq.PULL)
+    mon = h.socket(zmq.PUB)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(monitored_queue, ins, outs, mon, ctrl_socket=ctrl)
+    assert command(control, b"PAUSE") == [b"OK"]
+    for i in range(500):  # inproc: in the device's queue as soon as send returns
+        producer.send(b"%d" % i)
+    assert command(control, b"TERMINATE") == [b"OK"]
+    loop.join()
+    assert loop.returned and loop.error is None
+    assert [consumer.recv() for _ in range(500)] == [b"%d" % i for i in range(500)]
+
+
+def test_terminate_gives_up_on_a_blocked_output_after_drain_timeout(h: Harness) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, _stuck = h.pair(zmq.PUSH, zmq.PULL, peer_options={"rcvhwm": 5}, sndhwm=5)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=0.3)
+    for i in range(100):
+        producer.send(b"%d" % i)
+
+    def holding() -> bool:
+        counters = stats(control)
+        return counters["in_msgs_received"] == counters["out_msgs_sent"] + 1 > 5
+
+    wait_until(holding, what="the device to hold a message for its full output")
+    started = time.monotonic()
+    assert command(control, b"TERMINATE") == [b"OK"]
+    loop.join()
+    assert 0.25 <= time.monotonic() - started < 3.0
+    assert loop.returned
+
+
+def test_router_control_socket_answers_through_the_envelope(h: Harness) -> None:
+    ins, _ = h.pair(zmq.PULL, zmq.PUSH)
+    outs, _ = h.pair(zmq.PUSH, zmq.PULL)
+    ctrl = h.socket(zmq.ROUTER)
+    ctrl.bind("inproc://ctrl")
+    dealer = h.socket(zmq.DEALER)
+    req = h.socket(zmq.REQ)
+    dealer.connect("inproc://ctrl")
+    req.connect("inproc://ctrl")
+    h.run(_core.proxy, ins, outs, None, ctrl)
+    assert command(dealer, b"PING") == [b"PONG"]
+    assert command(req, b"PING") == [b"PONG"]
+    assert command(dealer, b"PING", b"x") == [b"ERROR"]
+    assert len(command(dealer, b"STATISTICS")) == 8
+    assert command(dealer, b"TERMINATE") == [b"OK"]
+
+
+def test_unroutable_message_with_router_mandatory_is_dropped_and_the_loop_goes_on(
+    h: Harness,
+) -> None:
+    ins = h.socket(zmq.ROUTER)
+    outs = h.socket(zmq.ROUTER, router_mandatory=1)
+    ins.bind("inproc://front")
+    outs.bind("inproc://back")
+    client = h.socket(zmq.DEALER, routing_id=b"client")
+    worker = h.socket(zmq.DEALER, routing_id=b"worker")
+    client.connect("inproc://front")
+    worker.connect("inproc://back")
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl)
+    # both ROUTERs learn their peer's identity from a first message
+    settle(lambda: worker.send_multipart([b"client", b"hello"]), client)
+    client.send_multipart([b"nobody", b"lost"])
+    client.send_multipart([b"worker", b"found"])
+    assert worker.recv_multipart() == [b"client", b"found"]
+    counters = stats(control)
+    assert counters["in_msgs_received"] == 2 and counters["out_msgs_sent"] == 1
+    assert loop.error is None
+
+
+def test_a_blocking_monitor_holds_the_data_path_but_not_the_control_socket(h: Harness) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, consumer = h.pair(zmq.PUSH, zmq.PULL)
+    mon = h.socket(zmq.DEALER, sndhwm=1)  # no peer yet: a DEALER cannot send at all
+    mon.bind("inproc://mon")
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    h.run(monitored_queue, ins, outs, mon, ctrl_socket=ctrl)
+    for i in range(5):
+        producer.send(b"%d" % i)
+    assert consumer.recv() == b"0"  # sent on, then held for the monitor
+    assert not consumer.poll(200)
+    assert command(control, b"PING") == [b"PONG"]
+    tap = h.socket(zmq.DEALER)
+    tap.connect("inproc://mon")
+    assert [consumer.recv() for _ in range(4)] == [b"%d" % i for i in range(1, 5)]
+    assert [tap.recv_multipart() for _ in range(5)] == [[b"in", b"%d" % i] for i in range(5)]
+
+
+# --- load, backpressure, loss ---------------------------------------------------------
+
+
+def _part(seq: int, index: int, size: int) -> bytes:
+    head = b"%d/%d/" % (seq, index)
+    return head + b"." * (size - len(head))
+
+
+def _message(sender: bytes, seq: int) -> list[bytes]:
+    """A test message of 1-5 parts whose header says how many; sizes vary."""
+    nparts = 1 + seq % 5
+    parts = [_part(seq, index, 20 + (seq * 7 + index * 13) % 200) for index in range(nparts)]
+    return [b"%s:%d:%d" % (sender, seq, nparts), *parts]
+
+
+def _check_frames(frames: list[bytes]) -> tuple[str, int]:
+    """Check a test message against its header; return (sender, sequence number)."""
+    sender, seq, nparts = frames[0].split(b":")
+    assert len(frames) == int(nparts) + 1, f"torn message {frames[:1]!r}"
+    for index, part in enumerate(frames[1:]):
+        assert part == _part(int(seq), index, len(part)), f"corrupt part of {frames[0]!r}"
+    return sender.decode(), int(seq)
+
+
+def test_multipart_messages_stay_whole_under_load_both_ways(h: Harness) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER)
+    mon = h.socket(zmq.PUB, sndhwm=100_000)
+    mon.bind(h.endpoint())
+    tap = subscribed_monitor(h, mon)
+    tap.rcvhwm = 100_000
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    h.run(monitored_queue, ins, outs, mon, ctrl_socket=ctrl)
+    settle(lambda: left.send_multipart(_message(b"probe", 0)), right, tap)
+    count = 3000
+    received: dict[str, list[int]] = {"L": [], "R": []}
+
+    def peer(sock: Socket, name: bytes, other: str) -> None:
+        for seq in range(count):
+            sock.send_multipart(_message(name, seq))
+            while sock.poll(0):
+                received[other].append(_check_frames(sock.recv_multipart())[1])
+        while len(received[other]) < count and sock.poll(5000):
+            received[other].append(_check_frames(sock.recv_multipart())[1])
+
+    threads = [
+        threading.Thread(target=peer, args=(left, b"L", "R")),
+        threading.Thread(target=peer, args=(right, b"R", "L")),
+    ]
+    for thread in threads:
+        thread.start()
+    monitored = 0
+    while monitored < 2 * count and tap.poll(5000):
+        frames = tap.recv_multipart()
+        assert frames[0] in (b"in", b"out")
+        _check_frames(frames[1:])
+        monitored += 1
+    for thread in threads:
+        thread.join(30)
+    assert received["L"] == list(range(count)) and received["R"] == list(range(count))
+    assert monitored == 2 * count
+    counters = stats(control)
+    assert counters["in_msgs_received"] == counters["out_msgs_sent"]  # count + the probes
+    assert counters["out_msgs_received"] == counters["in_msgs_sent"] == count
+
+
+def test_output_at_hwm_holds_only_its_direction(h: Harness) -> None:
+    ins, left = h.pair(zmq.DEALER, zmq.DEALER)
+    outs, right = h.pair(zmq.DEALER, zmq.DEALER, peer_options={"rcvhwm": 10}, sndhwm=10)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    h.run(_core.proxy, ins, outs, None, ctrl)
+    sent = 0
+    # `right` does not read: fill until `left` has stayed unwritable for a while
+    while sent < 10_000 and left.poll(300, zmq.POLLOUT):
+        left.send(b"L%d" % sent)
+        sent += 1
+    assert sent < 10_000, "the in -> out direction never filled up"
+    counters = stats(control)  # the control socket is served...
+    assert counters["in_msgs_received"] == counters["out_msgs_sent"] + 1  # ...one message held
+    for i in range(200):  # the other direction still flows
+        right.send(b"R%d" % i)
+    assert [left.recv() for _ in range(200)] == [b"R%d" % i for i in range(200)]
+    before = stats(control)
+    assert before["out_msgs_received"] == 200
+    assert [right.recv() for _ in range(sent)] == [b"L%d" % i for i in range(sent)]
+    assert stats(control)["out_msgs_sent"] == sent
+
+
+def _burst_device(endpoints: tuple[str, str, str], ctrl_endpoint: str, ready: Any) -> None:
+    ctx: zmq.Context[Socket] = zmq.Context()
+    ins, outs, mon = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.PUB)
+    for sock, endpoint in zip((ins, outs, mon), endpoints, strict=True):
+        sock.linger = 0
+        sock.bind(endpoint)
+    ctrl = ctx.socket(zmq.PAIR)
+    ctrl.linger = 1000
+    ctrl.bind(ctrl_endpoint)
+    ready.set()
+    try:
+        monitored_queue(ins, outs, mon, ctrl_socket=ctrl)
+    finally:
+        for sock in (ins, outs, mon, ctrl):
+            sock.close()
+        ctx.term()
+
+
+def _burst_producer(endpoint: str, count: int) -> None:
+    ctx: zmq.Context[Socket] = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    for i in range(count):
+        push.send(b"%016d" % i)
+    push.close(linger=20_000)  # bounded: every message leaves before we disconnect
+    ctx.term()
+
+
+def _free_tcp_endpoint() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        "tcp",
+        # Over ipc the peer's hang-up makes libzmq drop what it had not yet read from the
+        # kernel whenever the device's input queue is full at that moment: only a loop
+        # that keeps up stays lossless (pyzmq's monitored_queue loses ~1%). On a loaded
+        # 2-core machine libzmq's own proxy loses too, so this one needs a quiet machine.
+        pytest.param("ipc", marks=pytest.mark.slow),
+    ],
+)
+def test_producer_bursting_then_disconnecting_loses_nothing(ipc_dir: Any, transport: str) -> None:
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    if transport == "ipc":
+        endpoints = tuple(f"ipc://{ipc_dir}/{name}" for name in ("in", "out", "mon"))
+    else:
+        endpoints = tuple(_free_tcp_endpoint() for _ in range(3))
+    count = 200_000
+    ready = mp.Event()
+    ctrl_endpoint = f"ipc://{ipc_dir}/ctrl"
+    device = mp.Process(target=_burst_device, args=(endpoints, ctrl_endpoint, ready))
+    device.start()
+    ctx: zmq.Context[Socket] = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    control = ctx.socket(zmq.PAIR)
+    sub = ctx.socket(zmq.SUB)
+    try:
+        assert ready.wait(10)
+        for sock in (pull, control, sub):
+            sock.linger = 0
+        pull.connect(endpoints[1])
+        sub.subscribe(b"")  # a subscribed monitor, as in real use
+        sub.connect(endpoints[2])
+        control.connect(ctrl_endpoint)
+        assert command(control, b"PING") == [b"PONG"]
+        producer = mp.Process(target=_burst_producer, args=(endpoints[0], count))
+        producer.start()
+        # a lean consumer: a slow one would back the device up into its input queue,
+        # where libzmq drops on disconnect whatever loop runs the device
+        received: list[bytes] = []
+        recv, keep = pull.recv, received.append
+        while len(received) < count and pull.poll(3000):
+            while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                keep(recv())
+        producer.join(20)
+        assert len(received) == count, f"lost {count - len(received)} of {count}"
+        assert received == [b"%016d" % i for i in range(count)]
+        assert command(control, b"TERMINATE") == [b"OK"]
+        device.join(10)
+        assert device.exitcode == 0
+    finally:
+        for sock in (pull, control, sub):
+            sock.close(linger=0)
+        ctx.term()
+        if device.is_alive():
+            device.kill()
+            device.join()
+
+
+# --- signals and ETERM -----------------------------------------------------------------
+
+
+def _signal_device(endpoints: tuple[str, str], handled: Any, ready: Any) -> None:
+    """A device as devmgr runs one: signals reach the loop through the wakeup fd."""
+    import signal
+    import socket
+
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+
+    def on_usr1(signum: int, frame: object) -> None:
+        with handled.get_lock():
+            handled.value += 1
+
+    def on_usr2(signum: int, frame: object) -> None:
+        raise RuntimeError("raised by a handler")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    ctx: zmq.Context[Socket] = zmq.Context()
+    ins, outs = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    ins.bind(endpoints[0])
+    outs.bind(endpoints[1])
+    ready.set()
+    status = 0
+    try:
+        _core.proxy(ins, outs, signal_fd=wake_r.fileno(), drain_timeout=2.0)
+    except RuntimeError as exc:
+        status = 3 if str(exc) == "raised by a handler" else 4
+    finally:
+        ins.close(linger=0)
+        outs.close(linger=2000)
+        ctx.term()
+    os._exit(status)
+
+
+@pytest.mark.parametrize(("stop_signal", "expected_status"), [("SIGTERM", 0), ("SIGUSR2", 3)])
+def test_signals_during_heavy_traffic(ipc_dir: Any, stop_signal: str, expected_status: int) -> None:
+    import multiprocessing
+    import signal
+
+    mp = multiprocessing.get_context("fork")
+    endpoints = (f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out")
+    handled = mp.Value("i", 0)
+    ready = mp.Event()
+    device = mp.Process(target=_signal_device, args=(endpoints, handled, ready))
+    device.start()
+    ctx: zmq.Context[Socket] = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        assert ready.wait(10)
+        for sock in (push, pull):
+            sock.linger = 0
+        push.connect(endpoints[0])
+        pull.connect(endpoints[1])
+        pid = device.pid
+        assert pid is not None
+        received = 0
+        signals_sent = 0
+        for batch in range(40):
+            # keep what is in flight bounded, so neither side waits on the other forever
+            while batch * 500 - received > 2000 and pull.poll(3000):
+                assert pull.recv_multipart() == [b"%d" % received, b"x" * 100]
+                received += 1
+            for i in range(500):
+                push.send_multipart([b"%d" % (batch * 500 + i), b"x" * 100])
+            os.kill(pid, signal.SIGUSR1)
+            signals_sent += 1
+            while pull.poll(0):
+                assert pull.recv_multipart() == [b"%d" % received, b"x" * 100]
+                received += 1
+        # handlers ran while the loop was still relaying, not after it ended
+        wait_until(lambda: handled.value > 0, what="the SIGUSR1 handler to run")
+        assert device.is_alive()
+        while received < 20_000 and pull.poll(3000):
+            assert pull.recv_multipart() == [b"%d" % received, b"x" * 100]
+            received += 1
+        assert received == 20_000
+        assert 0 < handled.value <= signals_sent
+        os.kill(pid, getattr(signal, stop_signal))
+        device.join(10)
+        assert device.exitcode == expected_status
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
+        if device.is_alive():
+            device.kill()
+            device.join()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_context_termination_raises_context_terminated_as_pyzmq(impl: str) -> None:
+    ctx: zmq.Context[Socket] = zmq.Context()
+    ins, outs, mon = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB)
+    for sock in (ins, outs, mon):
+        sock.linger = 0
+    ins.bind("inproc://in")
+    outs.bind("inproc://out")
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        try:
+            IMPLEMENTATIONS[impl](ins, outs, mon)
+        finally:
+            for sock in (ins, outs, mon):
+                sock.close()
+
+    loop = LoopThread(run)
+    assert started.wait(5)
+    ctx.term()  # returns once the loop has seen ETERM and closed its sockets
+    loop.join()
+    assert isinstance(loop.error, zmq.ContextTerminated)
+
+
+def test_only_one_libzmq_is_mapped() -> None:
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1] for line in maps if "libzmq" in line.rsplit("/", 1)[-1]}
+    assert len(mapped) == 1, mapped
+    resolved = _core.libzmq_path()
+    assert resolved is not None
+    assert {os.path.realpath(p) for p in mapped} == {os.path.realpath(resolved)}
+    assert _core.libzmq_version() == zmq.zmq_version_info()
