@@ -154,6 +154,16 @@ def test_burst_then_disconnect_over_ipc_is_reported(ipc_dir: Path, record: Recor
     record("burst", figures)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_burst_then_disconnect_over_ipc_unbounded_input_queue(
+    ipc_dir: Path, record: Record
+) -> None:
+    """The workaround over ipc: an input queue that never fills (rcvhwm = 0) keeps libzmq
+    reading until the hang-up, so nothing is lost; the price is memory for the backlog."""
+    record("burst", scenarios.burst(ipc_dir, count=200_000, runs=10, transport="ipc", in_rcvhwm=0))
+
+
 # ---- 6. bad input -------------------------------------------------------------------------
 
 

@@ -397,6 +397,7 @@ def burst(
     runs: int = 1,
     transport: str = "tcp",
     check: bool = True,
+    in_rcvhwm: int | None = None,
 ) -> dict[str, Any]:
     """A producer sends `count` messages as fast as it can and disconnects at once."""
     import zmq
@@ -411,7 +412,8 @@ def burst(
             f"tcp://127.0.0.1:{free_port()}",
             f"tcp://127.0.0.1:{free_port()}",
         )
-    config = _pipeline_config(root, [ep])
+    in_options = {"rcvhwm": in_rcvhwm} if in_rcvhwm is not None else None
+    config = _pipeline_config(root, [ep], in_options=in_options)
     path = write_config(root / "burst.toml", config)
     results = []
     with ManagerProc(path, control=config["manager"]["control"]) as mgr:
@@ -453,6 +455,7 @@ def burst(
             assert r["sent"] == count and r["received"] == count, results
     return {
         "transport": transport,
+        "in_rcvhwm": in_rcvhwm,
         "runs": runs,
         "count": count,
         "lost": [r["sent"] - r["received"] for r in results],
