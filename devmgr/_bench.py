@@ -463,13 +463,18 @@ def format_table(report: dict[str, Any]) -> str:
         + (", device pinned to one CPU and load to the rest" if setup["pinned"] else ""),
         f"timing: {setup['timing']}",
     ]
+    lines.append(
+        "device CPU/msg: the device process's CPU time (all threads) over the run, per "
+        "message; monitor got: share of messages the monitor's SUB received (a PUB drops "
+        "at its HWM when the subscriber falls behind)"
+    )
     ratio_key = f"ratio_to_{BASELINE}"
     for block in report["results"]:
         lines.append("")
         lines.append(f"{block['size']} B messages")
         lines.append(
             f"  {'contender':<24}{'median msg/s':>14}  {'min-max msg/s':<23}"
-            f"{'vs ' + BASELINE:>14}{'device CPU/msg':>16}"
+            f"{'vs ' + BASELINE:>14}{'device CPU/msg':>16}{'monitor got':>13}"
         )
         for name, row in block["contenders"].items():
             if row["median"] is None:
@@ -482,8 +487,11 @@ def format_table(report: dict[str, Any]) -> str:
             failed = f"  ({len(row['errors'])} failed)" if row["errors"] else ""
             cpu = row["device_cpu_ns_per_msg"]
             cpu_text = f"{cpu:,} ns" if cpu is not None else "-"
+            seen = row["monitor_received_fraction"]
+            seen_text = f"{seen:.0%}" if seen is not None else "-"
             lines.append(
-                f"  {name:<24}{row['median']:>14,}  {span:<23}{ratio:>14}{cpu_text:>16}{failed}"
+                f"  {name:<24}{row['median']:>14,}  {span:<23}{ratio:>14}{cpu_text:>16}"
+                f"{seen_text:>13}{failed}"
             )
     return "\n".join(lines)
 
