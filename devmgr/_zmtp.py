@@ -10,7 +10,9 @@ use pyzmq). Libzmq accepts a 3.0 peer and speaks 3.0 back.
 
 from __future__ import annotations
 
-import socket
+# The C module rather than `socket`: the wrapper builds its enums at import, ~4 ms of a
+# command that should take a few dozen; nothing here needs what the wrapper adds.
+import _socket as socket
 import struct
 import time
 

@@ -129,6 +129,15 @@ def test_unreachable_after_timeout(transport: str, where: str, ipc_dir: Path) ->
             assert 0.25 <= elapsed < 1.5, elapsed
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Return True once every thread of `pid` is in state T (SIGSTOP takes a moment)."""
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(state == "T" for state in states)
+
+
 @TRANSPORTS
 def test_timeout_does_not_poison_the_next_request(transport: str, ipc_dir: Path) -> None:
     """A frozen manager times a request out; once it thaws, the next request gets its own
@@ -140,6 +149,7 @@ def test_timeout_does_not_poison_the_next_request(transport: str, ipc_dir: Path)
     ):
         assert client.ping() == "pong"
         os.kill(proc.pid, signal.SIGSTOP)
+        wait_until(lambda: all_threads_stopped(proc.pid), what="the manager to stop")
         try:
             with pytest.raises(ManagerUnreachable):
                 client.request("ping", timeout=0.3)
