@@ -431,7 +431,7 @@ class _PyzmqTransport(_Transport):
         zmq = self._zmq
         # A DEALER queues to a pipe that exists from connect() on, so this waits only
         # when the queue is full (a manager that stopped reading).
-        wait_ms = max(0.0, deadline - time.monotonic()) * 1000
+        wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
         if not self._sock.poll(wait_ms, zmq.POLLOUT):
             return False
         try:
@@ -442,7 +442,7 @@ class _PyzmqTransport(_Transport):
 
     def recv(self, deadline: float) -> list[bytes] | None:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._sock.poll(remaining * 1000, self._zmq.POLLIN):
+        if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000)), self._zmq.POLLIN):
             return None
         return self._sock.recv_multipart(self._zmq.NOBLOCK)
 

@@ -45,7 +45,7 @@ def supported(endpoint: str) -> bool:
     return True
 
 
-def _address(endpoint: str) -> tuple[int, object]:
+def _address(endpoint: str) -> tuple[int, str | tuple[str, int]]:
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
         if not path or path == "*":
