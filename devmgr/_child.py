@@ -54,14 +54,16 @@ class DevicePlan:
 
 
 def _die_with_parent(expected_parent: int) -> None:
-    """Ask the kernel for SIGTERM when our parent dies, then check it has not already.
+    """Ask the kernel for SIGKILL when our parent dies, then check it has not already.
 
     The parent is the manager's forkserver, which exits as soon as the manager's end of
-    its pipe closes, however the manager died; SIGTERM lets the loop drain briefly.
+    its pipe closes, however the manager died. SIGKILL rather than SIGTERM: a manager that
+    died cannot have asked for a drain, a new one must be able to bind our endpoints at
+    once, and SIGKILL ends even a wedged or SIGSTOPped device.
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     if expected_parent and os.getppid() != expected_parent:
