@@ -69,6 +69,10 @@ def test_manager_sigkill_under_load_short(ipc_dir: Path, record: Record) -> None
     record("manager_death", scenarios.manager_death(ipc_dir, devices=6))
 
 
+def test_manager_sigkill_with_a_stopped_device(ipc_dir: Path, record: Record) -> None:
+    record("manager_death", scenarios.manager_death(ipc_dir, devices=3, stop_one=True))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_manager_sigkill_under_load_long(ipc_dir: Path, record: Record) -> None:
@@ -90,6 +94,10 @@ def test_graceful_shutdown_under_load_long(ipc_dir: Path, record: Record) -> Non
     figures = scenarios.graceful_shutdown(ipc_dir, devices=20, load_s=3.0)
     assert figures["duplicates"] == 0
     record("graceful_shutdown", figures)
+
+
+def test_graceful_shutdown_with_a_hung_device(ipc_dir: Path, record: Record) -> None:
+    record("hung_shutdown", scenarios.hung_device_at_shutdown(ipc_dir))
 
 
 # ---- 4. planned restart -------------------------------------------------------------------

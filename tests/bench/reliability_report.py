@@ -41,8 +41,9 @@ def _chaos(f: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def _death(f: dict[str, Any]) -> tuple[str, str, str]:
+    stopped = ", one of them SIGSTOPped just before" if f.get("stopped_device") else ""
     return (
-        f"SIGKILL of `devmgr start` with {f['devices']} devices under traffic",
+        f"SIGKILL of `devmgr start` with {f['devices']} devices under traffic{stopped}",
         "every device child gone within 2 s; a new manager on the same config runs all "
         "devices within 5 s; traffic flows again",
         f"pass: devices gone in {f['devices_gone_s']} s (all children {f['all_children_gone_s']}"
@@ -60,6 +61,14 @@ def _graceful(f: dict[str, Any]) -> tuple[str, str, str]:
         f" at SIGTERM, {f['delivered_after_sigterm']} delivered after it, "
         f"{f['dropped_in_devices']} dropped in devices, {f['still_in_sender']} never left "
         "the senders",
+    )
+
+
+def _hung(f: dict[str, Any]) -> tuple[str, str, str]:
+    return (
+        f"SIGTERM of `devmgr start` with {f['devices']} devices, one SIGSTOPped",
+        "exit 0 within stop_timeout + 1 s (3 s); the hung device SIGKILLed; no child left",
+        f"pass: exit {f['exit_code']} in {f['exit_s']} s",
     )
 
 
@@ -156,6 +165,7 @@ ROWS = {
     "chaos": ("1. Chaos", _chaos),
     "manager_death": ("2. Manager SIGKILL", _death),
     "graceful_shutdown": ("3. Graceful shutdown", _graceful),
+    "hung_shutdown": ("3. Shutdown, hung device", _hung),
     "planned_restart": ("4. Planned restart", _restart),
     "burst": ("5. Burst then disconnect", _burst),
     "control_fuzz": ("6a. Control fuzz", _fuzz),

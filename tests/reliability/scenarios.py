@@ -179,15 +179,25 @@ def _pipeline_config(
 
 
 def manager_death(
-    root: Path, *, devices: int = 6, rate: float = 500.0, load_s: float = 0.5
+    root: Path,
+    *,
+    devices: int = 6,
+    rate: float = 500.0,
+    load_s: float = 0.5,
+    stop_one: bool = False,
 ) -> dict[str, Any]:
-    """SIGKILL a loaded manager: its devices go within 2 s; a new one runs them again."""
+    """SIGKILL a loaded manager: its devices go within 2 s; a new one runs them again.
+
+    With `stop_one`, one device is SIGSTOPped just before: it cannot act on its death
+    signal, so what ends it is the kernel's SIGHUP + SIGCONT to a stopped process in an
+    orphaned process group; the manager runs as a session leader, as under systemd.
+    """
     eps = [endpoints(root, f"k{i:02d}") for i in range(devices)]
     config = _pipeline_config(root, eps)
     path = write_config(root / "death.toml", config)
     control = config["manager"]["control"]
     with Traffic(eps, rate=rate) as traffic:
-        with ManagerProc(path, control=control) as mgr:
+        with ManagerProc(path, control=control, new_session=stop_one) as mgr:
             mgr.wait_running(devices)
             traffic.wait_flowing(timeout=10)
             _pause(load_s)
@@ -195,6 +205,8 @@ def manager_death(
             device_pids = set(device_children(mgr.pid))
             assert len(device_pids) == devices, device_pids
             assert mgr.proc is not None
+            if stop_one:
+                os.kill(min(device_pids), signal.SIGSTOP)
             mgr.proc.kill()
             killed_at = time.monotonic()
             mgr.proc.wait(5)
@@ -211,6 +223,7 @@ def manager_death(
     assert devices_gone_s <= 2.0 and startup_s <= 5.0
     return {
         "devices": devices,
+        "stopped_device": stop_one,
         "devices_gone_s": round(devices_gone_s, 3),
         "all_children_gone_s": round(all_gone_s, 3),
         "restart_to_all_running_s": round(startup_s, 3),
@@ -304,6 +317,34 @@ def graceful_shutdown(
         "dropped_in_devices": sent - received - leftover,
         "duplicates": duplicates,
     }
+
+
+def hung_device_at_shutdown(
+    root: Path, *, devices: int = 3, stop_timeout: float = 2.0
+) -> dict[str, Any]:
+    """SIGTERM the manager while one device is SIGSTOPped: escalation ends it in time."""
+    eps = [endpoints(root, f"h{i}") for i in range(devices)]
+    config = _pipeline_config(root, eps, stop_timeout=stop_timeout)
+    path = write_config(root / "hung.toml", config)
+    with Traffic(eps, rate=500.0) as traffic:
+        with ManagerProc(path, control=config["manager"]["control"]) as mgr:
+            devs = mgr.wait_running(devices)
+            traffic.wait_flowing(timeout=10)
+            doomed = {p.pid for p in psutil.Process(mgr.pid).children(recursive=True)}
+            device_pids = {d["pid"] for d in devs.values()}
+            hung = devs[eps[0].name]["pid"]
+            os.kill(hung, signal.SIGSTOP)
+            assert mgr.proc is not None
+            mgr.proc.send_signal(signal.SIGTERM)
+            term_at = time.monotonic()
+            code = mgr.proc.wait(stop_timeout + 5)
+            exit_s = time.monotonic() - term_at
+            log = mgr.log()
+        assert code == 0, log[-2000:]
+        assert exit_s <= stop_timeout + 1.0, exit_s
+        assert not alive(device_pids), f"devices left behind: {alive(device_pids)}"
+        wait_until(lambda: not alive(doomed), timeout=1.0, what="helpers gone")
+    return {"devices": devices, "hung": 1, "exit_code": code, "exit_s": round(exit_s, 3)}
 
 
 def planned_restart(

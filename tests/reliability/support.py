@@ -191,8 +191,10 @@ def alive(pids: Iterator[int] | list[int] | set[int]) -> list[int]:
 class ManagerProc:
     """`python -m devmgr start -c FILE` as a subprocess, its log in a file beside it."""
 
-    def __init__(self, config_path: Path, *, control: str) -> None:
+    def __init__(self, config_path: Path, *, control: str, new_session: bool = False) -> None:
         self.config_path = config_path
+        # systemd starts a service as a session leader; a test can do the same
+        self.new_session = new_session
         self.control = control
         self.log_path = config_path.with_suffix(f".{int(time.time() * 1e6)}.log")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -210,6 +212,7 @@ class ManagerProc:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
             )
         return self
 
