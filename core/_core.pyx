@@ -601,7 +601,43 @@ cdef void loop_free(Loop *L) noexcept nogil:
 
 def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
           in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0):
-    """Relay messages between two sockets until told to stop; see devmgr/_core.pyi."""
+    """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
+
+    Both directions are relayed (a direction whose source cannot receive or whose
+    destination cannot send, such as a FORWARDER's PUB side, is skipped). Each whole
+    message is copied to `mon_socket` behind its direction's prefix frame, and ROUTER to
+    ROUTER swaps the first two frames, as pyzmq's monitored_queue does. Multipart
+    messages are never split or interleaved, on any socket.
+
+    Rules where pyzmq's loop is silent or dies:
+    - Backpressure: a direction whose destination is full (HWM of a blocking type) holds
+      its current message and waits for POLLOUT, without spinning, while the other
+      direction and the control socket are served.
+    - Monitor: a PUB monitor never blocks (PUB drops at its HWM). A monitor that can
+      block (DEALER, PUSH, PAIR) holds each direction's next copy until it has room,
+      and so holds that direction; the control socket is still served.
+    - ROUTER_MANDATORY: a message its ROUTER cannot route (EHOSTUNREACH) is dropped and
+      not counted as sent; it is still copied to the monitor. The loop goes on.
+    - Control (`ctrl_socket`, any type; a ROUTER's envelope is answered through): PAUSE
+      (stop reading both sockets; a message already read is still delivered), RESUME,
+      PING -> PONG, STATISTICS -> 8 native-endian uint64 frames (CONTRACT 2.1),
+      TERMINATE -> drain, then OK and return. Anything else, multipart included, gets
+      ERROR. A reply that cannot be queued at once (peer gone or not reading) is dropped.
+    - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): read each input until
+      EAGAIN and send everything read, for at most `drain_timeout` seconds (None: no
+      limit); what is still held then is dropped.
+    - `signal_fd` readable: read it out, run Python's signal handlers (raising what they
+      raise), and drain and return on a SIGTERM or SIGINT byte. EINTR also runs the
+      handlers, then the loop goes on.
+
+    Returns None after TERMINATE or a stop signal, once drained.
+
+    Raises:
+        zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
+        TypeError: a prefix is a str, or a socket is not a zmq socket.
+        ValueError: nothing can be relayed between these socket types.
+        zmq.ZMQError: any other libzmq error.
+    """
     cdef Loop L
     cdef int d
     cdef int in_type, out_type

@@ -273,6 +273,22 @@ def test_without_monitor_is_a_plain_proxy(h: Harness) -> None:
     assert loop.returned and loop.error is None
 
 
+def test_socket_types_with_nothing_to_relay_are_refused(h: Harness) -> None:
+    with pytest.raises(ValueError):
+        _core.proxy(h.socket(zmq.PUB), h.socket(zmq.PUSH))  # neither can receive
+
+
+def test_one_socket_for_both_sides_echoes(h: Harness) -> None:
+    # pyzmq's Device with out_type < 0 passes the same socket twice
+    sock, peer = h.pair(zmq.DEALER, zmq.DEALER)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, sock, sock, None, ctrl)
+    peer.send_multipart([b"echo", b"me"])
+    assert peer.recv_multipart() == [b"echo", b"me"]
+    assert command(control, b"TERMINATE") == [b"OK"]
+    loop.join()
+
+
 def test_xpub_xsub_forwarder_carries_subscriptions_out_to_in(h: Harness) -> None:
     ins, publisher = h.pair(zmq.XSUB, zmq.PUB)
     outs, subscriber = h.pair(zmq.XPUB, zmq.SUB)
