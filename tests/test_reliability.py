@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from reliability import scenarios
-from reliability.support import env_seed
+from reliability.support import (
+    ManagerProc,
+    Traffic,
+    endpoints,
+    env_seed,
+    manager_settings,
+    pipeline_device,
+    write_config,
+)
 
 Record = Callable[[str, dict[str, Any]], None]
 
@@ -71,6 +80,27 @@ def test_manager_sigkill_under_load_short(ipc_dir: Path, record: Record) -> None
 
 def test_manager_sigkill_with_a_stopped_device(ipc_dir: Path, record: Record) -> None:
     record("manager_death", scenarios.manager_death(ipc_dir, devices=3, stop_one=True))
+
+
+def test_sighup_does_not_end_a_device(ipc_dir: Path) -> None:
+    """A terminal hang-up reaches the whole process group: the manager decides, as for
+    SIGINT. It also lets a SIGSTOPped device that the kernel sends SIGHUP + SIGCONT (its
+    group orphaned by the manager's death) drain on its pending death signal."""
+    ep = endpoints(ipc_dir, "u")
+    config = {"manager": manager_settings(ipc_dir), "devices": {"u": pipeline_device(ep)}}
+    path = write_config(ipc_dir / "hup.toml", config)
+    with (
+        Traffic([ep], rate=500.0) as traffic,
+        ManagerProc(path, control=config["manager"]["control"]) as mgr,
+    ):
+        pid = mgr.wait_running(1)["u"]["pid"]
+        traffic.wait_flowing(timeout=10)
+        os.kill(pid, signal.SIGHUP)
+        traffic.wait_flowing(timeout=5)
+        after = mgr.devices()["u"]
+        assert after["pid"] == pid and after["restarts"] == 0, after
+        assert after["last_exit"] is None
+        assert mgr.terminate(timeout=10) == 0
 
 
 @pytest.mark.slow
