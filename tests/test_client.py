@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import zmq
 from ctl_support import manager_process, manager_settings, private_env, streamer, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import devmgr
 from devmgr import Client, ConfigError, ControlError, ManagerUnreachable
@@ -270,3 +272,72 @@ def test_endpoint_resolution(ipc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert connectable("tcp://[::]:5") == "tcp://[::1]:5"
     assert connectable("tcp://10.0.0.1:5") == "tcp://10.0.0.1:5"
     assert connectable("ipc:///a") == "ipc:///a"
+
+
+# ---- the quick `[manager] control` scan agrees with tomllib ----------------------------
+
+LINES = [
+    "[manager]",
+    "[ manager ]",
+    "[manager.curve]",
+    "[devices.a]",
+    "[[manager]]",
+    '["manager"]',
+    "[manager",
+    'control = "ipc:///a/ctl"',
+    "control = 'tcp://127.0.0.1:5'",
+    'control = "ipc://rel" # comment',
+    'control = "esc\\"aped"',
+    "control = 5",
+    'manager.control = "ipc:///dotted"',
+    'manager = { control = "ipc:///inline" }',
+    '"control" = "ipc:///quoted-key"',
+    'events = "ipc:///e"',
+    'bind = ["ipc:///x", "ipc:///y"]',
+    "bind = [",
+    '  "ipc:///x",',
+    "]",
+    'in = { type = "PULL", bind = ["ipc:///i"] }',
+    'text = """',
+    "more",
+    '"""',
+    "# comment",
+    "",
+    "health_interval = 1.0",
+    "= broken",
+]
+
+
+@given(st.lists(st.sampled_from(LINES), max_size=12))
+@settings(max_examples=400, deadline=None)
+def test_control_scan_agrees_with_tomllib(lines: list[str]) -> None:
+    import tomllib
+
+    from devmgr._client import _NeedsFullParse, scan_manager_control
+
+    text = "\n".join(lines)
+    try:
+        quick = scan_manager_control(text)
+    except _NeedsFullParse:
+        return  # tomllib decides
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return  # documented: the scan checks only what it needs
+    manager = data.get("manager")
+    assert quick == (manager.get("control") if isinstance(manager, dict) else None)
+
+
+def test_control_scan_on_example_configs() -> None:
+    import tomllib
+
+    from devmgr._client import _NeedsFullParse, scan_manager_control
+
+    examples = sorted(Path(devmgr.__file__).parents[1].glob("deploy/examples/*.toml"))
+    for path in examples:
+        text = path.read_text()
+        expected = tomllib.loads(text).get("manager", {}).get("control")
+        try:
+            assert scan_manager_control(text) == expected, path
+        except _NeedsFullParse:
+            pass
