@@ -376,6 +376,7 @@ def planned_restart(
                     capture_output=True,
                     timeout=20,
                     check=False,
+                    cwd=root,  # not the checkout: `-m devmgr` runs the installed package
                 )
                 assert done.returncode == 0, done.stderr.decode()
             else:
@@ -992,6 +993,7 @@ def bad_configs(root: Path, *, cli_cases: int | None = None) -> dict[str, Any]:
                             stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE,
+                            cwd=root,
                         ),
                     )
                 )

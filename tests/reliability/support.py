@@ -213,6 +213,8 @@ class ManagerProc:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.new_session,
+                # `-m devmgr` from the checkout would shadow an installed (built) package
+                cwd=self.config_path.parent,
             )
         return self
 
