@@ -65,7 +65,7 @@ def chaos(
     fd_bound: int = 8,
     rss_bound_mib: float = 16.0,
 ) -> dict[str, Any]:
-    """Random SIGKILL/SIGSTOP/SIGTERM/SIGSEGV on devices under traffic, then check it all."""
+    """Inject random SIGKILL/SIGSTOP/SIGTERM/SIGSEGV into devices under traffic; check all."""
     eps = [endpoints(root, f"d{i:02d}") for i in range(devices)]
     restart = {"policy": "always", "max_restarts": 100_000, "window": 60.0}
     config = {
@@ -231,7 +231,7 @@ def manager_death(
 
 
 def _catch_leftovers(eps: list[Endpoints], traffic: Traffic, quiet: float = 0.3) -> dict[str, int]:
-    """Bind a PULL where each (gone) device was: what arrives was still in the sender."""
+    """Bind a PULL where each (gone) device was and count what was still in the sender."""
     import zmq
 
     counts: dict[str, int] = {}
@@ -409,7 +409,7 @@ def planned_restart(
 
 
 def free_port() -> int:
-    """A loopback TCP port nobody listens on now (another process may take it later)."""
+    """Return a loopback TCP port nobody listens on now (another process may take it later)."""
     import socket as pysocket
 
     with pysocket.socket() as probe:
@@ -509,7 +509,7 @@ def burst(
 
 
 def memory_limit(root: Path, *, limit_mb: int = 80) -> dict[str, Any]:
-    """A device whose send queue grows without bound passes max_rss_mb: restarted, `memory`."""
+    """Grow a device past max_rss_mb (a queue to a peer that never comes); expect `memory`."""
     import socket as pysocket
 
     import zmq
@@ -760,7 +760,7 @@ ERROR_CODES = {"bad_request", "unknown_command", "unknown_device", "invalid_spec
 
 
 def _fuzz_request(rng: random.Random) -> tuple[list[bytes], str]:
-    """One malformed or refused control request, and the error code it must get.
+    """Draw one malformed or refused control request and the error code it must get.
 
     Nothing here is a valid command that changes anything: the manager under load must
     answer each with an error and leave its devices alone.
@@ -918,7 +918,7 @@ def control_fuzz(
 
 
 def _bad_configs(root: Path) -> list[tuple[str, dict[str, Any] | str, str]]:
-    """(id, config, the place its problem must be named at); each device table ipc-only."""
+    """Return (id, config, the place its problem must be named at); ipc endpoints only."""
     good_in = {"type": "PULL", "bind": [f"ipc://{root}/bad-in"]}
     good_out = {"type": "PUSH", "bind": [f"ipc://{root}/bad-out"]}
     mgr = manager_settings(root)
@@ -968,7 +968,7 @@ def _bad_configs(root: Path) -> list[tuple[str, dict[str, Any] | str, str]]:
 
 
 def bad_configs(root: Path, *, cli_cases: int | None = None) -> dict[str, Any]:
-    """Bad configs through `devmgr start`, `devmgr validate`, add and reload: all refused."""
+    """Feed bad configs to `devmgr start`, `devmgr validate`, add and reload; all refused."""
     import subprocess
     import sys
 
@@ -1064,7 +1064,7 @@ def bad_configs(root: Path, *, cli_cases: int | None = None) -> dict[str, Any]:
 
 
 def garbage_peers(root: Path, *, rounds: int = 1) -> dict[str, Any]:
-    """Peers that send garbage to a ROUTER/DEALER queue: nothing crashes, good traffic flows."""
+    """Send garbage to a ROUTER/DEALER queue from its peers; nothing crashes, traffic flows."""
     import socket as pysocket
 
     import zmq

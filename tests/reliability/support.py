@@ -165,7 +165,7 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def zombies(pid: int) -> list[int]:
-    """PIDs of zombie processes below `pid` (exited, never reaped)."""
+    """Return the PIDs of zombie processes below `pid` (exited, never reaped)."""
     out = []
     for proc in descendants(pid):
         try:
@@ -177,7 +177,7 @@ def zombies(pid: int) -> list[int]:
 
 
 def alive(pids: Iterator[int] | list[int] | set[int]) -> list[int]:
-    """The PIDs of `pids` that still exist and are not zombies."""
+    """Return the PIDs of `pids` that still exist and are not zombies."""
     out = []
     for pid in pids:
         try:
@@ -282,7 +282,7 @@ class ManagerProc:
 
 
 def device_children(manager_pid: int) -> dict[int, psutil.Process]:
-    """The manager's live device processes (its forkserver's children), by PID."""
+    """Return the manager's live device processes (its forkserver's children), by PID."""
     out: dict[int, psutil.Process] = {}
     try:
         helpers = psutil.Process(manager_pid).children()
@@ -341,7 +341,7 @@ class Flow:
         self.monitored += 1
 
     def missing_seqs(self) -> list[int]:
-        """Sequence numbers sent and never received."""
+        """Return the sequence numbers sent and never received."""
         return [seq for seq in range(self.sent) if seq >= len(self.seen) or not self.seen[seq]]
 
     def lost_after_forwarding(self) -> int:
@@ -350,7 +350,7 @@ class Flow:
         return sum(1 for seq in self.missing_seqs() if seq < len(mon) and mon[seq])
 
     def missing(self) -> int:
-        """Messages sent and never received (the loss, once everything has drained)."""
+        """Count messages sent and never received (the loss, once everything has drained)."""
         return self.sent - self.received
 
 
@@ -538,5 +538,5 @@ def num_fds(pid: int) -> int:
 
 
 def env_seed(default: int) -> int:
-    """The random seed of a scenario: $RELIABILITY_SEED when set, else `default`."""
+    """Return a scenario's random seed: $RELIABILITY_SEED when set, else `default`."""
     return int(os.environ.get("RELIABILITY_SEED", default))
