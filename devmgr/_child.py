@@ -123,9 +123,6 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
     _drop_forkserver_fds()
     # Ctrl-C and a terminal's hang-up reach the whole process group; the manager decides
     # and drains us through the control socket, so the device ignores SIGINT and SIGHUP.
-    # (The kernel also sends SIGHUP + SIGCONT to a stopped device whose process group
-    # the manager's death orphaned: ignoring it, the device wakes, and its death signal
-    # drains it like the others.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # A signal may land on one of libzmq's I/O threads and never interrupt zmq_poll in

@@ -84,8 +84,8 @@ def test_manager_sigkill_with_a_stopped_device(ipc_dir: Path, record: Record) ->
 
 def test_sighup_does_not_end_a_device(ipc_dir: Path) -> None:
     """A terminal hang-up reaches the whole process group: the manager decides, as for
-    SIGINT. It also lets a SIGSTOPped device that the kernel sends SIGHUP + SIGCONT (its
-    group orphaned by the manager's death) drain on its pending death signal."""
+    SIGINT (the kernel also sends SIGHUP to a group that holds a stopped device when the
+    manager's death orphans it; that must not end the others)."""
     ep = endpoints(ipc_dir, "u")
     config = {"manager": manager_settings(ipc_dir), "devices": {"u": pipeline_device(ep)}}
     path = write_config(ipc_dir / "hup.toml", config)

@@ -188,9 +188,8 @@ def manager_death(
 ) -> dict[str, Any]:
     """SIGKILL a loaded manager: its devices go within 2 s; a new one runs them again.
 
-    With `stop_one`, one device is SIGSTOPped just before: it cannot act on its death
-    signal, so what ends it is the kernel's SIGHUP + SIGCONT to a stopped process in an
-    orphaned process group; the manager runs as a session leader, as under systemd.
+    With `stop_one`, one device is SIGSTOPped just before: only a SIGKILL death signal
+    ends a stopped process. The manager then runs as a session leader, as under systemd.
     """
     eps = [endpoints(root, f"k{i:02d}") for i in range(devices)]
     config = _pipeline_config(root, eps)
