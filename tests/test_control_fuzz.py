@@ -98,6 +98,11 @@ frames_of_request = st.one_of(
 messages = st.tuples(frames_of_request, st.integers(0, 19))  # (frames, 0 = vanish)
 
 
+@pytest.fixture(autouse=True)
+def private_runtime(ipc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(ipc_dir))
+
+
 @dataclass
 class Fuzzer:
     """A few client sockets that send generated messages and check each reply."""
