@@ -234,9 +234,8 @@ class Client:
             raise ValueError(f"the zmtp transport takes no CURVE and no {self.endpoint!r}")
         self._use_zmtp = zmtp_ok and transport != "zmq"
         self._transport: _Transport | None = None
-        # Ids start at a per-client random offset so that replies can never be mistaken
-        # for those of another Client sharing the socket's history (there is none, but
-        # a stale reply on a reused socket must not match a new request).
+        # A random first id: a late reply to some earlier request cannot match a new
+        # request's id by coincidence.
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._closed = False
 
