@@ -463,15 +463,21 @@ class Manager:
 
     def op_reload(self, config: ManagerConfig | None, done: Done) -> None:
         """Apply a new config device by device: only what changed is touched."""
+        self._notify.reloading()
+
+        def finished(result: Any, error: ControlError | None) -> None:
+            self._notify.ready()
+            done(result, error)
+
+        try:
+            self._reload(config, finished)
+        except ControlError:
+            self._notify.ready()
+            raise
+
+    def _reload(self, config: ManagerConfig | None, done: Done) -> None:
         assert self._fleet is not None
         fleet = self._fleet
-        self._notify.reloading()
-        finished = done
-
-        def done(result: Any, error: ControlError | None) -> None:
-            self._notify.ready()
-            finished(result, error)
-
         if config is None:
             if self.config.path is None:
                 raise ControlError(

@@ -18,7 +18,8 @@ EXIT_OK, EXIT_USAGE = 0, 2
 class _TextFormatter(logging.Formatter):
     """One readable line per record; no timestamp when journald adds its own."""
 
-    converter = time.gmtime  # on this formatter only, not on every one in the process
+    # on this formatter only, not on every one in the process
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed's signature is narrower
 
     def __init__(self, timestamps: bool) -> None:
         prefix = "%(asctime)sZ " if timestamps else ""

@@ -99,9 +99,6 @@ class Probe:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                for sent, arrived in reversed(self.arrivals):
-                    if sent < t_ns:
-                        break
                 later = [a for s, a in self.arrivals[-5000:] if s >= t_ns]
             if later:
                 return min(later) - t_ns
