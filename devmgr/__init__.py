@@ -7,7 +7,8 @@ pay for pydantic or the manager when it only sends one request.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.machinery
+import os
 from typing import TYPE_CHECKING, Any
 
 from devmgr._errors import (
@@ -19,9 +20,18 @@ from devmgr._errors import (
 )
 from devmgr._version import __version__
 
-# Checked without loading it: loading the core imports pyzmq, which `devmgr status`
-# should pay for only when it sends its request.
-if importlib.util.find_spec("devmgr._core") is None:  # pragma: no cover - unbuilt checkout
+
+def _core_is_built() -> bool:
+    # Checked without loading it: loading the core imports pyzmq, which `devmgr status`
+    # should not pay for; and without importlib.util, which costs the CLI ~5 ms.
+    folder = os.path.dirname(__file__)
+    return any(
+        os.path.exists(os.path.join(folder, "_core" + suffix))
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    )
+
+
+if not _core_is_built():  # pragma: no cover - unbuilt checkout
     raise ImportError(
         "devmgr's native core (devmgr._core) is not built. Build it with "
         "`pip install -e .` (or `pip install .`) from the project folder, or "

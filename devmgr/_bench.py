@@ -523,6 +523,8 @@ def main(args: argparse.Namespace) -> int:
         transport=args.transport,
         repeat=args.repeat,
         contenders=contenders,
+        # `--pin` is honoured once the CLI defines it (tests/bench/bench_throughput.py has it)
+        pin=getattr(args, "pin", False),
         progress=sys.stderr,
     )
     if args.json:

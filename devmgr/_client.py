@@ -11,10 +11,12 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devmgr._errors import ConfigError, ControlError, DevmgrError, ManagerUnreachable
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROTOCOL_VERSION = 1
 
@@ -33,6 +35,8 @@ def control_endpoint_of(config_path: str | os.PathLike[str]) -> str:
     Raises:
         ConfigError: the file cannot be read or is not TOML.
     """
+    from pathlib import Path  # only when a config file is involved: ~5 ms of start-up
+
     path = Path(config_path)
     try:
         raw = path.read_bytes()

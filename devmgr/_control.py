@@ -18,6 +18,7 @@ import zmq
 from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ControlError
+from devmgr._manager import RawJSON
 from devmgr._protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class ControlServer:
         self._handlers: dict[str, Callable[[Any, Reply], None]] = {
             "ping": lambda a, r: r("pong", None),
             "version": lambda a, r: r(manager.version_dict(), None),
-            "status": lambda a, r: r(manager.status_dict(a.names), None),
+            "status": lambda a, r: r(manager.status_json(a.names), None),
             "start": lambda a, r: manager.op_names("start", a.names, r),
             "stop": lambda a, r: manager.op_names("stop", a.names, r),
             "restart": lambda a, r: manager.op_names("restart", a.names, r),
@@ -144,7 +145,11 @@ class ControlServer:
                 reply["ok"] = False
                 reply["error"] = {"code": error.code, "message": error.message}
             try:
-                payload = json.dumps(reply).encode()
+                if isinstance(result, RawJSON) and error is None:
+                    head = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True})
+                    payload = f'{head[:-1]}, "result": {result}}}'.encode()
+                else:
+                    payload = json.dumps(reply).encode()
             except (TypeError, ValueError):
                 payload = json.dumps(
                     {

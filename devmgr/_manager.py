@@ -35,6 +35,10 @@ log = logging.getLogger("devmgr")
 Done = Callable[[Any, ControlError | None], None]
 
 
+class RawJSON(str):
+    """A result that is already JSON text; the control server embeds it as it is."""
+
+
 def _gather(count: int, done: Done, result: Callable[[], Any]) -> Done:
     """Return a callback that calls `done(result())` after `count` calls (first error wins)."""
     remaining = count
@@ -359,7 +363,7 @@ class Manager:
 
     def _devices(self, names: list[str] | None) -> list[Device]:
         assert self._fleet is not None
-        if names is None or names == ["*"] or "*" in names:
+        if names is None or "*" in names:
             return list(self._fleet.devices.values())
         unknown = [n for n in names if n not in self._fleet.devices]
         if unknown:
@@ -383,6 +387,14 @@ class Manager:
             },
             "devices": [self._fleet.status_of(d) for d in devices],
         }
+
+    def status_json(self, names: list[str] | None = None) -> RawJSON:
+        """Return the `status` result already encoded (the control socket's fast path)."""
+        assert self._fleet is not None
+        devices = self._devices(names)
+        manager = self.status_dict([])["manager"]
+        parts = ",".join(self._fleet.status_json(d) for d in devices)
+        return RawJSON(f'{{"manager":{json.dumps(manager)},"devices":[{parts}]}}')
 
     def version_dict(self) -> dict[str, Any]:
         return {"version": __version__, "protocol": PROTOCOL_VERSION}

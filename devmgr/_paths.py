@@ -1,20 +1,30 @@
 """Where devmgr keeps its runtime files (control and events sockets, device control).
 
-Kept free of pydantic and zmq: the client resolves the default endpoint from here.
+Kept free of pydantic and zmq, and of pathlib at import: the client resolves the default
+endpoint from here on every `devmgr status`, and each import is start-up time.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _runtime_dir_str() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "devmgr")
+    return f"/tmp/devmgr-{os.getuid()}"
 
 
 def runtime_dir() -> Path:
     """Return the per-user runtime folder: $XDG_RUNTIME_DIR/devmgr, else /tmp/devmgr-$UID."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "devmgr"
-    return Path(f"/tmp/devmgr-{os.getuid()}")
+    from pathlib import Path
+
+    return Path(_runtime_dir_str())
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -34,15 +44,17 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def default_control_endpoint() -> str:
-    return f"ipc://{runtime_dir() / 'control'}"
+    return f"ipc://{os.path.join(_runtime_dir_str(), 'control')}"
 
 
 def default_events_endpoint() -> str:
-    return f"ipc://{runtime_dir() / 'events'}"
+    return f"ipc://{os.path.join(_runtime_dir_str(), 'events')}"
 
 
 def ipc_path(endpoint: str) -> Path | None:
     """Return the filesystem path of an ipc:// endpoint, else None."""
     if endpoint.startswith("ipc://"):
+        from pathlib import Path
+
         return Path(endpoint[len("ipc://") :])
     return None
