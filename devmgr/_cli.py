@@ -170,6 +170,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         help="comma-separated list of contenders",
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--pin", action="store_true", help="pin the device to one CPU and the load to another"
+    )
     _config_opt(p)
     return parser
 
