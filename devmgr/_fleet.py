@@ -22,7 +22,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
-import sys
+import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +54,8 @@ STATS_KEYS = (
     "out_bytes_sent",
 )
 _ZERO_STATS = dict.fromkeys(STATS_KEYS, 0)
+# STATISTICS reply: 8 frames of native-endian uint64 (CONTRACT 2.1)
+_STATS_FRAMES = struct.Struct("=8Q")
 _MIB = 1 << 20
 # Devices checked per loop turn by the health tick.
 _HEALTH_SLICE = 16
@@ -107,7 +109,7 @@ class Device:
         self.rss_bytes: int | None = None
         self.num_fds: int | None = None
         self.sampler: ProcSampler | None = None
-        self.stats_outstanding = False
+        self.stats_sent_at: float | None = None  # an unanswered STATISTICS, sent then
         self.timers: dict[str, Timer] = {}
         self.waiters: list[tuple[Callable[[Device], bool], Callable[[], None]]] = []
         self.ops: deque[Callable[[Callable[[], None]], None]] = deque()
@@ -489,7 +491,7 @@ class Fleet:
             self._by_ident.pop(dev.ident, None)
             dev.ident = None
         dev.awaiting_ready = False
-        dev.stats_outstanding = False
+        dev.stats_sent_at = None
         pending, dev.pending = dev.pending, deque()
         for callback in pending:
             callback(None)
@@ -519,6 +521,7 @@ class Fleet:
         Checking 200 devices in one turn would hold control replies for ~10 ms.
         """
         end = start + _HEALTH_SLICE
+        now = self.loop.clock()
         for dev in devices[start:end]:
             if dev.removed or dev.proc is None:
                 continue
@@ -529,8 +532,13 @@ class Fleet:
             if limit is not None and dev.rss_bytes is not None and dev.rss_bytes > limit * _MIB:
                 self._unhealthy(dev, Reason.MEMORY)
                 continue
-            if not dev.stats_outstanding:
-                self._request_stats(dev)
+            # The STATISTICS request doubles as the hang check: no answer within
+            # ping_timeout, seen at the first tick after it, means unresponsive. (A timer
+            # per device and tick would cost more than the check itself.)
+            if dev.stats_sent_at is None:
+                self._request_stats(dev, now)
+            elif now - dev.stats_sent_at > dev.spec.health.ping_timeout:
+                self._unhealthy(dev, Reason.UNRESPONSIVE)
         if end < len(devices):
             self.loop.call_later(0, lambda: self._health_chunk(devices, end))
 
@@ -542,25 +550,22 @@ class Fleet:
             dev.num_fds = sampler.num_fds
         # else: it is exiting, and the sentinel will tell
 
-    def _request_stats(self, dev: Device) -> None:
+    def _request_stats(self, dev: Device, now: float) -> None:
         def reply(frames: list[bytes] | None) -> None:
-            dev.stats_outstanding = False
-            dev.cancel_timer("ping")
+            dev.stats_sent_at = None
             if frames is not None:
                 self._take_stats(dev, frames)
 
         if self._send_ctrl(dev, b"STATISTICS", reply):
-            dev.stats_outstanding = True
-            dev.timers["ping"] = self.loop.call_later(
-                dev.spec.health.ping_timeout, lambda: self._unhealthy(dev, Reason.UNRESPONSIVE)
-            )
+            dev.stats_sent_at = now
 
     def _take_stats(self, dev: Device, frames: list[bytes]) -> None:
-        if len(frames) == 8 and all(len(f) == 8 for f in frames):
-            dev.stats = {
-                key: int.from_bytes(f, sys.byteorder)
-                for key, f in zip(STATS_KEYS, frames, strict=True)
-            }
+        if len(frames) == 8:
+            try:
+                values = _STATS_FRAMES.unpack(b"".join(frames))
+            except struct.error:
+                return
+            dev.stats = dict(zip(STATS_KEYS, values, strict=True))
 
     # ---- status -------------------------------------------------------------------------
 
