@@ -474,6 +474,8 @@ class Fleet:
                 dev.cancel_timer(key)
         self._close_ctrl(dev)
         dev.proc = None
+        if dev.sampler is not None:
+            dev.sampler.close()
         dev.sampler = None
         dev.cpu_percent = dev.rss_bytes = dev.num_fds = None
         action = dev.sup.exited(code, sig, pid=pid or None)
