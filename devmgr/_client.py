@@ -257,6 +257,11 @@ class Client:
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
+    @property
+    def curve_keys(self) -> tuple[bytes, bytes, bytes] | None:
+        """(client public, client secret, server public) when CURVE is used, else None."""
+        return self._curve_keys
+
     def close(self) -> None:
         """Close the connection; an unanswered request is dropped (linger 0)."""
         self._closed = True

@@ -262,12 +262,19 @@ def simple_main(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _subscriber(endpoint: str) -> Iterator[Any]:
+def _subscriber(
+    endpoint: str, curve_keys: tuple[bytes, bytes, bytes] | None = None
+) -> Iterator[Any]:
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve_keys is not None:  # a CURVE manager's events socket is CURVE too
+        public, secret, server_public = curve_keys
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     try:
         sock.connect(endpoint)
@@ -366,10 +373,11 @@ def _print_stream(
     args: argparse.Namespace,
     banner: str,
     line: Callable[[list[bytes], bool], str],
+    curve_keys: tuple[bytes, bytes, bytes] | None = None,
 ) -> int:
     print(f"{banner} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     printed = 0
-    with _subscriber(endpoint) as sock:
+    with _subscriber(endpoint, curve_keys) as sock:
         while args.count <= 0 or printed < args.count:
             frames = sock.recv_multipart()
             print(line(frames, args.json), flush=True)
@@ -382,7 +390,9 @@ def events_main(args: argparse.Namespace) -> int:
 
     def body(client: Client) -> int:
         endpoint = connectable(client.status()["manager"]["events"])
-        return _print_stream(endpoint, args, f"events from {endpoint}", _event_line)
+        return _print_stream(
+            endpoint, args, f"events from {endpoint}", _event_line, client.curve_keys
+        )
 
     return _run(args, body)
 

@@ -128,7 +128,8 @@ class Manager:
         self._ctx = zmq.Context()
         self._loop = EventLoop()
         try:
-            self._events = self._bind(zmq.PUB, settings.events)
+            # Events tell who runs what where: with CURVE they are as private as control.
+            self._events = self._bind(zmq.PUB, settings.events, curve=True)
             from devmgr._control import ControlServer
 
             ctrl_sock = self._bind(zmq.ROUTER, settings.control, curve=True)

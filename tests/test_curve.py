@@ -207,3 +207,50 @@ def test_non_loopback_tcp_control_needs_curve(ipc_dir: Path) -> None:
     assert "manager.control" in done.stderr and "[manager.curve]" in done.stderr
     with socket.socket() as probe:  # nothing was bound
         probe.bind(("127.0.0.1", port))
+
+
+def test_events_are_curve_too(curve_manager: str, keys: Keys, ipc_dir: Path) -> None:
+    """With [manager.curve] the events socket admits only authorised keys, as control does."""
+    import zmq
+
+    with Client(curve_manager, curve=(keys.client_secret, keys.manager_public)) as client:
+        events = client.status()["manager"]["events"]
+        client_keys = client.curve_keys
+    assert client_keys is not None
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        plain = ctx.socket(zmq.SUB)
+        trusted = ctx.socket(zmq.SUB)
+        for sock in (plain, trusted):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        public, secret, server = client_keys
+        trusted.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        trusted.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        trusted.setsockopt(zmq.CURVE_SERVERKEY, server)
+        plain.connect(events)
+        trusted.connect(events)
+        spec = {
+            "name": "ev",
+            "kind": "streamer",
+            "in": {"type": "PULL", "bind": [f"ipc://{ipc_dir}/ev-in"]},
+            "out": {"type": "PUSH", "bind": [f"ipc://{ipc_dir}/ev-out"]},
+        }
+        with Client(curve_manager, curve=(keys.client_secret, keys.manager_public)) as client:
+            # add devices until the trusted subscriber has seen an event (the
+            # subscription takes a moment to reach the PUB), at most a few times
+            for attempt in range(10):
+                client.add(
+                    {**spec, "name": f"ev{attempt}"}
+                    | {
+                        "in": {"type": "PULL", "bind": [f"ipc://{ipc_dir}/ev{attempt}-in"]},
+                        "out": {"type": "PUSH", "bind": [f"ipc://{ipc_dir}/ev{attempt}-out"]},
+                    }
+                )
+                if trusted.poll(500):
+                    break
+        topic, _body = trusted.recv_multipart()
+        assert topic.startswith(b"device.")
+        assert plain.poll(300) == 0, "an unauthenticated subscriber received events"
+    finally:
+        ctx.destroy(linger=0)
