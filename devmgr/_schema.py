@@ -22,7 +22,16 @@ from pydantic import BaseModel
 
 from devmgr._spec import ManagerConfig
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+def _default_dir() -> Path:
+    """schemas/ of the checkout devmgr runs from, else ./schemas (an installed package)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "schemas"
+    return Path.cwd() / "schemas"
+
+
+SCHEMA_DIR = _default_dir()
 REGENERATE = "python -m devmgr._schema"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -548,9 +548,13 @@ def test_output_at_hwm_holds_only_its_direction(h: Harness) -> None:
     assert stats(control)["out_msgs_sent"] == sent
 
 
-def _burst_device(endpoints: tuple[str, str, str], ctrl_endpoint: str, ready: Any) -> None:
+def _burst_device(
+    endpoints: tuple[str, str, str], ctrl_endpoint: str, ready: Any, rcvhwm: int | None
+) -> None:
     ctx: zmq.Context[Socket] = zmq.Context()
     ins, outs, mon = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.PUB)
+    if rcvhwm is not None:
+        ins.rcvhwm = rcvhwm
     for sock, endpoint in zip((ins, outs, mon), endpoints, strict=True):
         sock.linger = 0
         sock.bind(endpoint)
@@ -588,10 +592,12 @@ def _free_tcp_endpoint() -> str:
     "transport",
     [
         "tcp",
-        # Over ipc the peer's hang-up makes libzmq drop what it had not yet read from the
-        # kernel whenever the device's input queue is full at that moment: only a loop
-        # that keeps up stays lossless (pyzmq's monitored_queue loses ~1%). On a loaded
-        # 2-core machine libzmq's own proxy loses too, so this one needs a quiet machine.
+        # Over ipc the peer's hang-up makes libzmq 4.3.5 drop what it had not yet read
+        # from the kernel whenever the device's input queue is at its HWM at that moment
+        # (libzmq issue 4660): a loop that keeps up is lossless on a quiet machine, but on
+        # a loaded one libzmq's own proxy loses too (the reliability suite reports those
+        # counts). With rcvhwm = 0 on the device's in-socket the queue never fills and
+        # nothing is lost, whatever the load: that is the configuration asserted here.
         pytest.param("ipc", marks=pytest.mark.slow),
     ],
 )
@@ -606,7 +612,8 @@ def test_producer_bursting_then_disconnecting_loses_nothing(ipc_dir: Any, transp
     count = 200_000
     ready = mp.Event()
     ctrl_endpoint = f"ipc://{ipc_dir}/ctrl"
-    device = mp.Process(target=_burst_device, args=(endpoints, ctrl_endpoint, ready))
+    rcvhwm = 0 if transport == "ipc" else None
+    device = mp.Process(target=_burst_device, args=(endpoints, ctrl_endpoint, ready, rcvhwm))
     device.start()
     ctx: zmq.Context[Socket] = zmq.Context()
     pull = ctx.socket(zmq.PULL)
