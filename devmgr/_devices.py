@@ -48,7 +48,7 @@ STAT_KEYS: tuple[str, ...] = (
     "out_msgs_sent",
     "out_bytes_sent",
 )
-_U64 = struct.Struct("=Q")
+_STATS_FRAMES = struct.Struct("=8Q")  # 8 native-endian uint64, one per frame
 # How often a waiting control call checks that the device is still there.
 _POLL_SLICE_MS = 50
 
@@ -59,9 +59,10 @@ def parse_stats(frames: Sequence[bytes]) -> dict[str, int]:
     Raises:
         ValueError: the reply is not 8 frames of 8 bytes (e.g. an ERROR reply).
     """
-    if len(frames) != len(STAT_KEYS) or any(len(f) != _U64.size for f in frames):
+    if len(frames) != len(STAT_KEYS) or any(len(f) != 8 for f in frames):
         raise ValueError(f"not a STATISTICS reply: {list(frames)[:3]!r}...")
-    return {key: _U64.unpack(bytes(frame))[0] for key, frame in zip(STAT_KEYS, frames, strict=True)}
+    values = _STATS_FRAMES.unpack(b"".join(bytes(f) for f in frames))
+    return dict(zip(STAT_KEYS, values, strict=True))
 
 
 def monitored_queue(  # noqa: PLR0917  (pyzmq's positional signature)

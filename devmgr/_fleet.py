@@ -22,7 +22,6 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
-import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import zmq
 
 from devmgr import _child
+from devmgr._devices import STAT_KEYS, parse_stats
 from devmgr._errors import ControlError
 from devmgr._loop import EventLoop, Timer
 from devmgr._procstat import ProcSampler
@@ -43,19 +43,7 @@ log = logging.getLogger("devmgr")
 Done = Callable[[Any, ControlError | None], None]
 Emit = Callable[..., None]
 
-STATS_KEYS = (
-    "in_msgs_received",
-    "in_bytes_received",
-    "in_msgs_sent",
-    "in_bytes_sent",
-    "out_msgs_received",
-    "out_bytes_received",
-    "out_msgs_sent",
-    "out_bytes_sent",
-)
-_ZERO_STATS = dict.fromkeys(STATS_KEYS, 0)
-# STATISTICS reply: 8 frames of native-endian uint64 (CONTRACT 2.1)
-_STATS_FRAMES = struct.Struct("=8Q")
+_ZERO_STATS = dict.fromkeys(STAT_KEYS, 0)
 _MIB = 1 << 20
 # Devices checked per loop turn by the health tick.
 _HEALTH_SLICE = 16
@@ -562,12 +550,10 @@ class Fleet:
             dev.stats_sent_at = now
 
     def _take_stats(self, dev: Device, frames: list[bytes]) -> None:
-        if len(frames) == 8:
-            try:
-                values = _STATS_FRAMES.unpack(b"".join(frames))
-            except struct.error:
-                return
-            dev.stats = dict(zip(STATS_KEYS, values, strict=True))
+        try:
+            dev.stats = parse_stats(frames)
+        except ValueError:
+            pass  # not a STATISTICS reply: keep the last counters
 
     # ---- status -------------------------------------------------------------------------
 

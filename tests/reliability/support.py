@@ -14,43 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import zmq
 
 import devmgr
 
-T = TypeVar("T")
+from conftest import wait_until
 
 # ---------------------------------------------------------------------------- waiting
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01, what: str = ""
-) -> T:
-    """Call `predicate` until it returns a truthy value; re-raise its last AssertionError.
-
-    The same contract as tests/conftest.py's helper, repeated here so that the bench
-    scripts can run the scenarios outside pytest.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: AssertionError | None = None
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except AssertionError as exc:
-            last_error = exc
-        if time.monotonic() >= deadline:
-            if last_error is not None:
-                raise last_error
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------- configs
