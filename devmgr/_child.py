@@ -17,11 +17,12 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
 from devmgr import _core
+from devmgr._paths import unix_socket_in_use
 
 # Exit status of a child whose sockets could not be set up (sysexits' EX_CONFIG).
 EXIT_START_FAILED = 78
@@ -50,7 +51,6 @@ class DevicePlan:
     out_prefix: bytes = b"out"
     drain_timeout: float = 1.0
     linger_ms: int = 1000
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _die_with_parent(expected_parent: int) -> None:
@@ -99,22 +99,28 @@ def _build(ctx: zmq.Context[zmq.Socket[bytes]], side: str, plan: SocketPlan) -> 
             sock.setsockopt(zmq.SUBSCRIBE, b"")  # a SUB device input forwards everything
         for endpoint in plan.bind:
             where = f"{side}.bind {endpoint}"
+            if endpoint.startswith("ipc://") and unix_socket_in_use(endpoint[len("ipc://") :]):
+                # libzmq would unlink the other process's socket file and bind anyway
+                raise zmq.ZMQError(errno_mod.EADDRINUSE)
             sock.bind(endpoint)
         for endpoint in plan.connect:
             where = f"{side}.connect {endpoint}"
             sock.connect(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
-        raise _StartFailure(where, exc) from exc
+        raise _StartFailure(where, exc.errno, exc.strerror) from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # a bad option value at run time
+        sock.close(linger=0)
+        raise _StartFailure(where, errno_mod.EINVAL, str(exc)) from exc
     return sock
 
 
 class _StartFailure(Exception):
-    def __init__(self, where: str, exc: zmq.ZMQError) -> None:
+    def __init__(self, where: str, errno: int | None, message: str) -> None:
         self.where = where
-        self.errno = exc.errno
+        self.errno = errno
         self.endpoint = where.split(" ", 1)[1] if " " in where else None
-        super().__init__(f"{where}: {exc.strerror}")
+        super().__init__(f"{where}: {message}")
 
 
 def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: int) -> None:

@@ -31,7 +31,7 @@ import zmq
 
 from devmgr import _child
 from devmgr._devices import STAT_KEYS, parse_stats
-from devmgr._errors import ControlError
+from devmgr._errors import ControlError, DevmgrError
 from devmgr._loop import EventLoop, Timer
 from devmgr._procstat import ProcSampler
 from devmgr._spawn import DeviceProcess
@@ -45,6 +45,8 @@ Emit = Callable[..., None]
 
 _ZERO_STATS = dict.fromkeys(STAT_KEYS, 0)
 _MIB = 1 << 20
+# Device control replies read per wake-up.
+_CTRL_BURST = 1000
 # Devices checked per loop turn by the health tick.
 _HEALTH_SLICE = 16
 # Plain ints: pyzmq's flag enums cost an enum operation per call on the health path.
@@ -156,37 +158,68 @@ class Fleet:
         preloaded child is ready in ~20 ms instead of ~70 ms (plain) or ~110 ms (spawn).
         """
         self._mp.set_forkserver_preload(["devmgr._child"])
-        multiprocessing.forkserver.ensure_running()
-        server = multiprocessing.forkserver._forkserver
-        self._forkserver_pid = getattr(server, "_forkserver_pid", None) or 0
+        self._refresh_forkserver()
         # One ROUTER serves every child's control channel: with a socket per device the
         # manager's poll set, and its idle CPU, would grow with the number of devices.
         ctrl = self.ctx.socket(zmq.ROUTER)
-        ctrl.setsockopt(zmq.LINGER, 0)
-        ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone child fails at once
-        ctrl.bind(self._ctrl_endpoint)
+        try:
+            ctrl.setsockopt(zmq.LINGER, 0)
+            ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone child fails at once
+            ctrl.bind(self._ctrl_endpoint)
+        except zmq.ZMQError as exc:
+            ctrl.close(linger=0)
+            raise DevmgrError(f"cannot bind {self._ctrl_endpoint}: {exc.strerror}") from exc
         self._ctrl = ctrl
         self.loop.add_reader(ctrl, self._on_ctrl)
         self._health_timer = self.loop.call_later(self.health_interval, self._health_tick)
 
+    def _refresh_forkserver(self) -> None:
+        """(Re)start the forkserver if it died and note its pid, which children check.
+
+        multiprocessing starts a new forkserver silently when the old one is gone; a child
+        told the old pid would take the new parent for a sign that the manager died.
+        """
+        multiprocessing.forkserver.ensure_running()
+        server = multiprocessing.forkserver._forkserver
+        self._forkserver_pid = getattr(server, "_forkserver_pid", None) or 0
+
     def add_device(self, spec: DeviceSpec) -> Device:
+        if spec.name in self.devices:  # a live entry must be stopped before it is replaced
+            raise ControlError("conflict", f"a device named {spec.name!r} exists already")
         sup = Supervisor(spec.name, spec.restart)
         dev = Device(spec, sup, self._next_index)
         self._next_index += 1
         self.devices[spec.name] = dev
         return dev
 
-    def get(self, name: str) -> Device:
-        dev = self.devices.get(name)
-        if dev is None:
-            raise ControlError("unknown_device", f"no device named {name!r}")
-        return dev
+    def specs(self) -> dict[str, DeviceSpec]:
+        """The specs of the devices that are not being removed."""
+        return {name: dev.spec for name, dev in self.devices.items() if not dev.removed}
 
     # ---- serialised operations ------------------------------------------------------
 
-    def enqueue(self, dev: Device, op: Callable[[Callable[[], None]], None]) -> None:
-        """Run `op(next)` after the device's earlier operations; op calls next() when done."""
-        dev.ops.append(op)
+    def enqueue(
+        self,
+        dev: Device,
+        op: Callable[[Callable[[], None]], None],
+        done: Done,
+        *,
+        when_removed: bool = False,
+    ) -> None:
+        """Run `op(next)` after the device's earlier operations; op calls next() when done.
+
+        An operation that comes to run once the device is being removed is answered
+        `unknown_device` instead (the removal's own stop passes `when_removed`).
+        """
+
+        def guarded(next_op: Callable[[], None]) -> None:
+            if dev.removed and not when_removed:
+                done(None, ControlError("unknown_device", f"{dev.name} was removed"))
+                next_op()
+                return
+            op(next_op)
+
+        dev.ops.append(guarded)
         if not dev.op_running:
             self._run_next_op(dev)
 
@@ -244,7 +277,7 @@ class Fleet:
 
             self.wait_for(dev, _settled_after_start, settled)
 
-        self.enqueue(dev, op)
+        self.enqueue(dev, op, done)
 
     def _start_error(self, dev: Device) -> ControlError | None:
         if dev.sup.state in (State.RUNNING, State.PAUSED):
@@ -259,13 +292,16 @@ class Fleet:
         )
         return ControlError("invalid_spec", f"{dev.name}: {message}")
 
-    def stop(self, dev: Device, done: Done) -> None:
+    def stop(self, dev: Device, done: Done, *, when_removed: bool = False) -> None:
         """Stop a device (drain, then escalate); done once no process runs."""
 
         def op(next_op: Callable[[], None]) -> None:
             dev.cancel_timer("backoff")
+            before = dev.sup.state
             self._act(dev, dev.sup.stop())
-            self._changed(dev)
+            if dev.sup.state is State.STOPPED and before is not State.STOPPED:
+                # from backoff or fatal: no exit will announce it
+                self.emit("device.stopped", device=dev.name)
 
             def stopped() -> None:
                 done(None, None)
@@ -273,7 +309,7 @@ class Fleet:
 
             self.wait_for(dev, _no_process, stopped)
 
-        self.enqueue(dev, op)
+        self.enqueue(dev, op, done, when_removed=when_removed)
 
     def restart(self, dev: Device, done: Done) -> None:
         """Stop then start, as one operation (a manual restart clears FATAL)."""
@@ -291,6 +327,11 @@ class Fleet:
                     self._take_stats(dev, frames)
                     done(dict(dev.stats), None)
                 else:
+                    if frames != [b"OK"]:
+                        reply_text = b" ".join(frames)[:100].decode(errors="replace")
+                        done(None, ControlError("conflict", f"{dev.name} answered {reply_text}"))
+                        next_op()
+                        return
                     if command == b"PAUSE":
                         dev.sup.paused()
                     elif command == b"RESUME":
@@ -299,22 +340,44 @@ class Fleet:
                     done(dev.sup.state.value, None)
                 next_op()
 
-            if not self._send_ctrl(dev, command, reply):
+            running = dev.sup.state in (State.RUNNING, State.PAUSED)
+            if not running or not self._send_ctrl(dev, command, reply):
                 done(
                     None,
                     ControlError("conflict", f"{dev.name} is {dev.sup.state.value}, not running"),
                 )
                 next_op()
 
-        self.enqueue(dev, op)
+        self.enqueue(dev, op, done)
 
     def remove(self, dev: Device, done: Done) -> None:
+        """Stop the device and forget it; operations queued after this one are refused."""
+
         def finish(_r: Any, err: ControlError | None) -> None:
-            dev.removed = True
-            self.devices.pop(dev.name, None)
+            if self.devices.get(dev.name) is dev:
+                del self.devices[dev.name]
             done(None, err)
 
-        self.stop(dev, finish)
+        self.stop(dev, finish, when_removed=True)
+        dev.removed = True
+
+    def kill_all(self, done: Done) -> None:
+        """SIGKILL every device process (a stop that ran out of time); done once all exited."""
+        running = [dev for dev in self.devices.values() if dev.proc is not None]
+        remaining = len(running)
+        if not running:
+            done(None, None)
+            return
+
+        def one_gone() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                done(None, None)
+
+        for dev in running:
+            self._signal(dev, signal.SIGKILL)
+            self.wait_for(dev, lambda d: d.proc is None, one_gone)
 
     # ---- carrying out supervisor decisions --------------------------------------------
 
@@ -341,6 +404,9 @@ class Fleet:
             self._act(dev, dev.sup.backoff_elapsed())
 
     def _spawn(self, dev: Device) -> None:
+        if dev.removed:
+            return
+        self._refresh_forkserver()  # one waitpid(WNOHANG) when it is alive
         dev.gen += 1
         dev.ident = f"{dev.index}.{dev.gen}".encode()
         self._by_ident[dev.ident] = dev
@@ -404,15 +470,18 @@ class Fleet:
     def _unhealthy(self, dev: Device, reason: Reason) -> None:
         if dev.proc is None or dev.sup.state not in (State.RUNNING, State.PAUSED, State.STARTING):
             return
-        log.warning("%s (pid %s) is unhealthy: %s", dev.name, dev.proc.pid, reason.value)
-        self.emit("device.unhealthy", device=dev.name, pid=dev.proc.pid, reason=reason.value)
-        self._act(dev, dev.sup.unhealthy(reason))
+        pid = dev.proc.pid
+        action = dev.sup.unhealthy(reason)
+        if isinstance(action, Kill):  # a second verdict before the exit says nothing new
+            log.warning("%s (pid %s) is unhealthy: %s", dev.name, pid, reason.value)
+            self.emit("device.unhealthy", device=dev.name, pid=pid, reason=reason.value)
+        self._act(dev, action)
 
     # ---- child events -------------------------------------------------------------------
 
     def _on_ctrl(self) -> None:
         assert self._ctrl is not None
-        for _ in range(1000):  # a burst, then let the loop look at its other sockets
+        for _ in range(_CTRL_BURST):  # then let the loop look at its other sockets
             try:
                 ident, *frames = self._ctrl.recv_multipart(_NOBLOCK)
             except zmq.Again:
@@ -445,14 +514,21 @@ class Fleet:
             return
         dev.cancel_timer("ready")
         dev.sup.ready()
-        self.emit("device.running", device=dev.name, pid=dev.proc.pid)
+        if dev.sup.state is State.RUNNING:  # not when a stop began meanwhile
+            self.emit("device.running", device=dev.name, pid=dev.proc.pid)
         self._changed(dev)
 
     def _on_exit(self, dev: Device, proc: Any) -> None:
+        # The child's last words (a FAILED report) may still wait on the control socket
+        # when the sentinel wins the race: read them first.
+        self._on_ctrl()
         self.loop.remove_reader(proc.sentinel)
         proc.join(0)
         exitcode, pid = proc.exitcode, proc.pid
         proc.close()
+        if exitcode == _child.EXIT_START_FAILED and dev.failure is None:
+            dev.failure = {"message": f"{dev.name} failed to set up its sockets"}
+            dev.sup.start_failed(dev.failure["message"])
         code, sig = (None, -exitcode) if exitcode is not None and exitcode < 0 else (exitcode, None)
         self._after_exit(dev, code, sig, pid=pid)
 

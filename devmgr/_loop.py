@@ -52,6 +52,7 @@ class EventLoop:
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._handlers[self._wake_r] = self._drain_wakeups
         self._running = False
+        self._closed = False
         self.thread: threading.Thread | None = None
 
     # ---- registration (loop thread only) ----
@@ -72,6 +73,8 @@ class EventLoop:
     # ---- cross-thread ----
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError("the event loop is closed")
         self._calls.append(callback)
         try:
             os.write(self._wake_w, b"x")
@@ -86,6 +89,8 @@ class EventLoop:
         """Run `fn(resolve, reject)` on the loop and wait for it to resolve; return the value."""
         if threading.current_thread() is self.thread:
             raise RuntimeError("run_sync called from the event loop thread would deadlock")
+        if self.thread is None or not self.thread.is_alive():
+            raise RuntimeError("the event loop is not running")
         fut: Future[T] = Future()
 
         def start() -> None:
@@ -143,5 +148,6 @@ class EventLoop:
             log.exception("internal error in the manager loop (it goes on)")
 
     def close(self) -> None:
+        self._closed = True
         os.close(self._wake_r)
         os.close(self._wake_w)

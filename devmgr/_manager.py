@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from devmgr._config import load_config, parse_config
 from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
-from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir
+from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir, unix_socket_in_use
 from devmgr._spec import DeviceSpec, ManagerConfig
 from devmgr._version import PROTOCOL_VERSION, __version__
 
@@ -83,17 +82,21 @@ class Manager:
         self._events: zmq.Socket[bytes] | None = None
         self._control: Any = None
         self._rundir: Path | None = None
-        self._started_at = 0.0
+        self._started_mono = 0.0
         self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
         self._shutdown_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._in_run = False
         self._stopping_emitted = False
+        self._bound_paths: list[Path] = []  # ipc files this manager created, to remove
+        #: Called on the loop thread with (topic, event) for every lifecycle event; it
+        #: must return quickly and must not call this Manager's methods.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         from devmgr._notify import SdNotify
 
-        self._notify = SdNotify()
+        # Only `run()` (the service itself) speaks to systemd: a Manager embedded in an
+        # application running under Type=notify must not answer for that application.
+        self._notify = SdNotify(environ={})
         self._metrics: Any = None
         self._heartbeat = 0.0
         self._summary = ""
@@ -123,8 +126,10 @@ class Manager:
         if self._thread is not None:
             raise RuntimeError("this Manager was already started")
         settings = self.config.manager
+        self._shutdown_requested.clear()
+        self._stopping_emitted = False
         base = ensure_private_dir(runtime_dir())
-        self._rundir = ensure_private_dir(base / f"m{os.getpid()}.{id(self):x}")
+        self._rundir = ensure_private_dir(base / f"m{os.getpid()}")
         self._ctx = zmq.Context()
         self._loop = EventLoop()
         try:
@@ -134,35 +139,32 @@ class Manager:
 
             ctrl_sock = self._bind(zmq.ROUTER, settings.control, curve=True)
             self._control = ControlServer(self, ctrl_sock)
+            self._fleet = Fleet(
+                self._loop,
+                self._ctx,
+                self._rundir,
+                self._emit,
+                health_interval=settings.health_interval,
+                stop_timeout=settings.stop_timeout,
+            )
+            if settings.metrics is not None:
+                from devmgr._metrics import MetricsServer
+
+                self._metrics = MetricsServer(settings.metrics, self._metrics_status)
+                self._metrics.start()
         except BaseException:
             self._teardown()
             raise
-        self._fleet = Fleet(
-            self._loop,
-            self._ctx,
-            self._rundir,
-            self._emit,
-            health_interval=settings.health_interval,
-            stop_timeout=settings.stop_timeout,
-        )
-        self._started_at = time.time()
-        self._thread = threading.Thread(target=self._run_loop, name="devmgr-loop", daemon=True)
+        self._started_mono = time.monotonic()
+        self._thread = threading.Thread(target=self._loop.run, name="devmgr-loop", daemon=True)
+        self._loop.thread = self._thread
         self._thread.start()
         self._loop.call_soon_threadsafe(self._beat)
-        if settings.metrics is not None:
-            from devmgr._metrics import MetricsServer
-
-            self._metrics = MetricsServer(settings.metrics, self._metrics_status)
-            try:
-                self._metrics.start()
-            except DevmgrError:
-                self._metrics = None
-                self.stop()
-                raise
 
         def setup(resolve: Callable[[Any], None], reject: Callable[[BaseException], None]) -> None:
             assert self._fleet is not None and self._control is not None
-            self._loop.add_reader(self._control.socket, self._control.on_readable)  # type: ignore[union-attr]
+            assert self._loop is not None
+            self._loop.add_reader(self._control.socket, self._control.on_readable)
             self._fleet.prepare_forkserver()
             for spec in self.config.devices.values():
                 self._fleet.add_device(spec)
@@ -172,7 +174,11 @@ class Manager:
             for dev in autostart:
                 self._fleet.start(dev, finish)
 
-        self._call(setup)
+        try:
+            self._call(setup)
+        except Exception as exc:  # nothing half up: stop what did start, then say why
+            self.stop()
+            raise DevmgrError(f"the manager could not start: {exc}") from exc
         self._loop.call_soon_threadsafe(self._update_status)
         self._notify.ready()
 
@@ -212,44 +218,43 @@ class Manager:
     def _bind(self, kind: int, endpoint: str, curve: bool = False) -> zmq.Socket[bytes]:
         assert self._ctx is not None
         sock = self._ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 1000)
-        path = ipc_path(endpoint)
-        if path is not None:
-            if not path.is_absolute():
-                raise DevmgrError(f"{endpoint}: ipc paths must be absolute")
-            if path.parent == runtime_dir():
-                ensure_private_dir(path.parent)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and _someone_listens(path):
-                sock.close(linger=0)
-                raise DevmgrError(
-                    f"{endpoint} is in use: another manager is running there "
-                    "(stop it first, or give this one another endpoint)"
-                )
-        if curve and self.config.manager.curve is not None:
-            from devmgr._security import enable_curve_server
-
-            enable_curve_server(self._ctx, sock, self.config.manager.curve)
-        if kind == zmq.ROUTER:
-            # Oversized requests are answered `too_large`; far larger ones are cut off
-            # by libzmq before they can cost the manager memory.
-            sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise DevmgrError(f"cannot bind {endpoint}: {exc.strerror}") from exc
+            sock.setsockopt(zmq.LINGER, 1000)
+            path = ipc_path(endpoint)
+            if path is not None:
+                if not path.is_absolute():
+                    raise DevmgrError(f"{endpoint}: ipc paths must be absolute")
+                try:
+                    if path.parent == runtime_dir():
+                        ensure_private_dir(path.parent)
+                    else:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise DevmgrError(f"{endpoint}: {exc}") from exc
+                if path.exists() and unix_socket_in_use(path):
+                    raise DevmgrError(
+                        f"{endpoint} is in use: another manager is running there "
+                        "(stop it first, or give this one another endpoint)"
+                    )
+            if curve and self.config.manager.curve is not None:
+                from devmgr._security import enable_curve_server
+
+                enable_curve_server(self._ctx, sock, self.config.manager.curve)
+            if kind == zmq.ROUTER:
+                # Oversized requests are answered `too_large`; far larger ones are cut off
+                # by libzmq before they can cost the manager memory.
+                sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise DevmgrError(f"cannot bind {endpoint}: {exc.strerror}") from exc
+        except BaseException:
+            sock.close(linger=0)  # an open socket would make ctx.term() wait for ever
+            raise
         if path is not None:
+            self._bound_paths.append(path)
             os.chmod(path, 0o600)
         return sock
-
-    def _run_loop(self) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.run()
-        finally:
-            self._stopped.set()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop every device in parallel (drain, then escalate), then the manager itself."""
@@ -263,7 +268,11 @@ class Manager:
                 try:
                     self._call(self._op_stop_all, timeout=timeout)
                 except TimeoutError:
-                    log.error("devices did not stop within %ss", timeout)
+                    log.error("devices did not stop within %ss: killing them", timeout)
+                    try:
+                        self._call(self._op_kill_all, timeout=5.0)
+                    except TimeoutError:
+                        log.error("devices did not die after SIGKILL within 5 s")
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join()
             if self._metrics is not None:
@@ -283,23 +292,29 @@ class Manager:
             self._events.close(linger=100)
             self._events = None
         if self._ctx is not None:
-            self._ctx.term()
+            # Every socket we own is closed above; destroy() only cuts what a failed
+            # start-up may have left open, which would otherwise make term() wait.
+            self._ctx.destroy(linger=0)
             self._ctx = None
         if self._loop is not None:
             self._loop.close()
-        for endpoint in (self.config.manager.control, self.config.manager.events):
-            path = ipc_path(endpoint)
-            if path is not None:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
+        # Only the files this manager bound: a manager that failed to start because
+        # another one runs there must not delete that one's sockets.
+        for path in self._bound_paths:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        self._bound_paths.clear()
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
 
     def run(self) -> None:
         """Run in the foreground until SIGTERM, SIGINT or a `shutdown` command."""
         self._in_run = True
+        from devmgr._notify import SdNotify
+
+        self._notify = SdNotify()  # the service: tell systemd (when it asked)
         in_main = threading.current_thread() is threading.main_thread()
         previous: dict[int, Any] = {}
         if in_main:
@@ -314,10 +329,6 @@ class Manager:
             self.stop()
             for number, handler in previous.items():
                 signal.signal(number, handler)
-
-    def request_shutdown(self) -> None:
-        """Ask run() to return (as SIGTERM does); stop() when not running in run()."""
-        self._shutdown_requested.set()
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -354,7 +365,10 @@ class Manager:
             except zmq.ZMQError:
                 pass
         if self.on_event is not None:
-            self.on_event(topic, event)
+            try:
+                self.on_event(topic, event)
+            except Exception:  # a user's callback must not break supervision
+                log.exception("the on_event callback raised on %s", topic)
         if topic.startswith("device."):
             self._update_status()
 
@@ -364,36 +378,38 @@ class Manager:
 
     def _devices(self, names: list[str] | None) -> list[Device]:
         assert self._fleet is not None
+        live = {n: d for n, d in self._fleet.devices.items() if not d.removed}
         if names is None or "*" in names:
-            return list(self._fleet.devices.values())
-        unknown = [n for n in names if n not in self._fleet.devices]
+            return list(live.values())
+        unknown = [n for n in names if n not in live]
         if unknown:
             raise ControlError("unknown_device", f"no device named {', '.join(map(repr, unknown))}")
-        return [self._fleet.devices[n] for n in dict.fromkeys(names)]
+        return [live[n] for n in dict.fromkeys(names)]
 
     # ---- loop-side operations (also used by the control server) ------------------------
+
+    def _manager_info(self) -> dict[str, Any]:
+        settings = self.config.manager
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "version": __version__,
+            "config": str(self.config.path) if self.config.path else None,
+            "control": settings.control,
+            "events": settings.events,
+        }
 
     def status_dict(self, names: list[str] | None = None) -> dict[str, Any]:
         assert self._fleet is not None
         devices = self._devices(names)
-        settings = self.config.manager
-        return {
-            "manager": {
-                "pid": os.getpid(),
-                "uptime_s": round(time.time() - self._started_at, 3),
-                "version": __version__,
-                "config": str(self.config.path) if self.config.path else None,
-                "control": settings.control,
-                "events": settings.events,
-            },
-            "devices": [self._fleet.status_of(d) for d in devices],
-        }
+        fleet = self._fleet
+        return {"manager": self._manager_info(), "devices": [fleet.status_of(d) for d in devices]}
 
     def status_json(self, names: list[str] | None = None) -> RawJSON:
         """Return the `status` result already encoded (the control socket's fast path)."""
         assert self._fleet is not None
         devices = self._devices(names)
-        manager = self.status_dict([])["manager"]
+        manager = self._manager_info()
         parts = ",".join(self._fleet.status_json(d) for d in devices)
         return RawJSON(f'{{"manager":{json.dumps(manager)},"devices":[{parts}]}}')
 
@@ -438,12 +454,14 @@ class Manager:
             raise ControlError("invalid_spec", str(exc)) from exc
         if spec.name in fleet.devices:
             raise ControlError("conflict", f"a device named {spec.name!r} exists already")
-        new_config = self._config_with({**self.config.devices, spec.name: spec})
+        self._config_with({**fleet.specs(), spec.name: spec})  # cross-device checks
         dev = fleet.add_device(spec)
 
         def started(_r: Any, error: ControlError | None) -> None:
             if error is None:
-                self.config = new_config
+                # merged into the config as it is now: a reload may have run meanwhile
+                devices = {**self.config.devices, spec.name: spec}
+                self.config = self.config.model_copy(update={"devices": devices})
                 done(fleet.status_of(dev), None)
                 return
             fleet.remove(dev, lambda _r2, _e2: done(None, error))
@@ -500,7 +518,8 @@ class Manager:
                 config = load_config(self.config.path)
             except ConfigError as exc:
                 raise ControlError("invalid_spec", str(exc)) from exc
-        old, new = self.config.devices, config.devices
+        # What runs is the truth to diff against (an `add` may not be in self.config yet).
+        old, new = fleet.specs(), config.devices
         added = [n for n in new if n not in old]
         removed = [n for n in old if n not in new]
         changed = [n for n in new if n in old and new[n] != old[n]]
@@ -526,17 +545,26 @@ class Manager:
         for dev in to_stop:
             fleet.remove(dev, stop_all)
 
-    def _op_stop_all(
-        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
-    ) -> None:
+    def _stop_all(self, then: Done) -> None:
+        """Stop every device in parallel; call `then` once none runs."""
         assert self._fleet is not None
         devices = list(self._fleet.devices.values())
-        finish = _gather(len(devices), lambda _r, _e: resolve(None), lambda: None)
+        finish = _gather(len(devices), then, lambda: None)
         for dev in devices:
             self._fleet.stop(dev, finish)
 
-    def op_shutdown(self, done: Done) -> None:
+    def _op_stop_all(
+        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
+    ) -> None:
+        self._stop_all(lambda _r, _e: resolve(None))
+
+    def _op_kill_all(
+        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
+    ) -> None:
         assert self._fleet is not None
+        self._fleet.kill_all(lambda _r, _e: resolve(None))
+
+    def op_shutdown(self, done: Done) -> None:
         self._emit("manager.stopping")
         self._stopping_emitted = True
 
@@ -546,10 +574,7 @@ class Manager:
             if not self._in_run:  # embedded: nobody waits in run(), so stop from a thread
                 threading.Thread(target=self.stop, name="devmgr-shutdown", daemon=True).start()
 
-        devices = list(self._fleet.devices.values())
-        finish = _gather(len(devices), stopped, lambda: None)
-        for dev in devices:
-            self._fleet.stop(dev, finish)
+        self._stop_all(stopped)
 
     # ---- in-process API -----------------------------------------------------------------
 
@@ -584,19 +609,6 @@ class Manager:
     def reload(self, config: ManagerConfig | None = None) -> dict[str, list[str]]:
         """Apply `config` (default: re-read the config file) device by device."""
         return self._call_op(self.op_reload, config)  # type: ignore[no-any-return]
-
-
-def _someone_listens(path: Path) -> bool:
-    """Return True when a process accepts connections on the unix socket at `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def _log_event(event: dict[str, Any]) -> None:

@@ -58,3 +58,25 @@ def ipc_path(endpoint: str) -> Path | None:
 
         return Path(endpoint[len("ipc://") :])
     return None
+
+
+def unix_socket_in_use(path: str | os.PathLike[str]) -> bool:
+    """Return True when a process accepts connections on the unix socket at `path`.
+
+    libzmq's ipc bind unlinks an existing socket file and binds anyway, silently cutting
+    off whoever listened there; devmgr asks first.
+    """
+    import socket
+
+    path = os.fspath(path)
+    if path.startswith(("@", "*")) or not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
@@ -39,6 +39,14 @@ class Request(BaseModel):
     id: Any = None
     cmd: str
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _exactly_one(cls, value: Any) -> Any:
+        # Literal[1] alone would take true and 1.0 (they equal 1 in Python)
+        if type(value) is not int:
+            raise ValueError("the protocol version must be the integer 1")
+        return value
 
 
 # ---- args of each command ----------------------------------------------------------

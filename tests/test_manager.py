@@ -369,3 +369,136 @@ def test_cli_start_sigterm_exits_zero(ipc_dir: Path, ctx: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- regressions from review ----------------------------------------------------------
+
+
+def test_failed_bind_raises_and_hangs_nothing(ipc_dir: Path) -> None:
+    (ipc_dir / "afile").write_text("not a folder")
+    config = make_config(ipc_dir, {}, control=f"ipc://{ipc_dir}/afile/control")
+    manager = devmgr.Manager(config)
+    t0 = time.monotonic()
+    with pytest.raises(devmgr.DevmgrError):
+        manager.start()
+    assert time.monotonic() - t0 < 5.0
+    manager.stop()  # a no-op after a failed start, and it returns
+
+
+def test_second_manager_leaves_the_first_ones_sockets(ipc_dir: Path, ctx: Any) -> None:
+    config = make_config(ipc_dir, {"a": streamer(ipc_dir, "a")})
+    with devmgr.Manager(config):
+        second = devmgr.Manager(make_config(ipc_dir, {}))
+        with pytest.raises(devmgr.DevmgrError, match="in use"):
+            second.start()
+        assert (ipc_dir / "control").exists() and (ipc_dir / "events").exists()
+        assert _request(ctx, f"ipc://{ipc_dir}/control", "ping")["result"] == "pong"
+
+
+def test_commands_queued_behind_remove_are_refused(ipc_dir: Path, ctx: Any) -> None:
+    import json
+
+    with devmgr.Manager(make_config(ipc_dir, {"x": streamer(ipc_dir, "x")})) as manager:
+        pid = device(manager, "x")["pid"]
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(f"ipc://{ipc_dir}/control")
+        sock.send(json.dumps({"v": 1, "id": 1, "cmd": "remove", "args": {"name": "x"}}).encode())
+        sock.send(json.dumps({"v": 1, "id": 2, "cmd": "start", "args": {"names": ["x"]}}).encode())
+        replies = {r["id"]: r for r in (json.loads(sock.recv()) for _ in range(2))}
+        sock.close()
+        assert replies[1]["ok"] is True
+        assert replies[2]["ok"] is False
+        assert replies[2]["error"]["code"] == "unknown_device"
+        assert manager.status()["devices"] == []
+        wait_until(lambda: not psutil.pid_exists(pid), what="the removed device to exit")
+
+
+def test_a_dead_forkserver_is_replaced(ipc_dir: Path, ctx: Any) -> None:
+    import multiprocessing.forkserver
+
+    with devmgr.Manager(make_config(ipc_dir, {"a": streamer(ipc_dir, "a")})) as manager:
+        server_pid = multiprocessing.forkserver._forkserver._forkserver_pid
+        assert server_pid
+        os.kill(server_pid, signal.SIGKILL)  # the device dies with it (PDEATHSIG)
+        after = wait_until(
+            lambda: (d := device(manager, "a"))["state"] == "running" and d["restarts"] >= 1 and d,
+            timeout=10,
+            what="a running device from a new forkserver",
+        )
+        assert after["restarts"] == 1
+        roundtrip(ctx, ipc_dir, "a")
+
+
+def test_a_raising_on_event_callback_does_not_break_supervision(ipc_dir: Path) -> None:
+    calls: list[str] = []
+
+    def callback(topic: str, event: dict[str, Any]) -> None:
+        calls.append(topic)
+        raise RuntimeError("user bug")
+
+    manager = devmgr.Manager(make_config(ipc_dir, {"a": streamer(ipc_dir, "a")}))
+    manager.on_event = callback
+    with manager:
+        pid = device(manager, "a")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: (d := device(manager, "a"))["state"] == "running" and d["pid"] != pid)
+    assert "device.exited" in calls
+
+
+def test_stop_with_timeout_leaves_no_process(ipc_dir: Path) -> None:
+    table = streamer(ipc_dir, "h", health={"ping_timeout": 30.0})
+    manager = devmgr.Manager(make_config(ipc_dir, {"h": table}, stop_timeout=20.0))
+    manager.start()
+    pid = device(manager, "h")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    manager.stop(timeout=0.5)
+    assert time.monotonic() - t0 < 6.0
+    wait_until(lambda: not psutil.pid_exists(pid), what="the stopped device to be killed")
+
+
+def test_add_refuses_an_ipc_endpoint_another_process_listens_on(ipc_dir: Path, ctx: Any) -> None:
+    foreign = ctx.socket(zmq.PULL)
+    foreign.setsockopt(zmq.LINGER, 0)
+    foreign.bind(f"ipc://{ipc_dir}/taken")
+    with devmgr.Manager(make_config(ipc_dir, {})) as manager:
+        spec = {
+            "name": "t",
+            "kind": "streamer",
+            "in": {"type": "PULL", "bind": [f"ipc://{ipc_dir}/taken"]},
+            "out": {"type": "PUSH", "bind": [f"ipc://{ipc_dir}/t-out"]},
+        }
+        with pytest.raises(devmgr.ControlError) as info:
+            manager.add(spec)
+        assert info.value.code == "conflict"
+        assert f"ipc://{ipc_dir}/taken" in info.value.message
+        assert manager.status()["devices"] == []
+    foreign.close()
+
+
+def test_pause_of_a_stopped_device_is_refused(ipc_dir: Path) -> None:
+    table = streamer(ipc_dir, "p", autostart=False)
+    with devmgr.Manager(make_config(ipc_dir, {"p": table})) as manager:
+        with pytest.raises(devmgr.ControlError) as info:
+            manager.pause("p")
+        assert info.value.code == "conflict"
+        assert device(manager, "p")["state"] == "stopped"
+
+
+def test_protocol_version_must_be_the_integer_one(ipc_dir: Path, ctx: Any) -> None:
+    import json
+
+    with devmgr.Manager(make_config(ipc_dir, {})):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 3000)
+        sock.connect(f"ipc://{ipc_dir}/control")
+        for v in (True, 1.0, "1", 2):
+            sock.send(json.dumps({"v": v, "id": 7, "cmd": "ping"}).encode())
+            reply = json.loads(sock.recv())
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_request", v
+        sock.send(json.dumps({"v": 1, "id": 8, "cmd": "ping"}).encode())
+        assert json.loads(sock.recv())["result"] == "pong"
+        sock.close()
