@@ -18,8 +18,7 @@ import zmq
 from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ControlError
-from devmgr._manager import RawJSON
-from devmgr._protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, Request
+from devmgr._protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, RawJSON, Request
 
 if TYPE_CHECKING:
     from devmgr._manager import Manager

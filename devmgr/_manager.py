@@ -26,16 +26,13 @@ from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
 from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir, unix_socket_in_use
+from devmgr._protocol import RawJSON
 from devmgr._spec import DeviceSpec, ManagerConfig
 from devmgr._version import PROTOCOL_VERSION, __version__
 
 log = logging.getLogger("devmgr")
 
 Done = Callable[[Any, ControlError | None], None]
-
-
-class RawJSON(str):
-    """A result that is already JSON text; the control server embeds it as it is."""
 
 
 def _gather(count: int, done: Done, result: Callable[[], Any]) -> Done:

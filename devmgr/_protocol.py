@@ -26,6 +26,10 @@ ErrorCode = Literal[
 ]
 
 
+class RawJSON(str):
+    """A result that is already JSON text; the control server embeds it as it is."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
