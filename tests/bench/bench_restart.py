@@ -7,9 +7,11 @@ under its supervisor; a probe PUSHes a timestamp every millisecond into it and P
 from it (reconnect interval 1 ms). Each kill is a SIGKILL of the device's current pid;
 the figure is the time from the kill to the arrival of the first probe message sent
 after the kill. Kills are spaced so the device has run stably (>= 1.5 s) before each.
-supervisord runs only when its executable is installed (pip install supervisor); it
-supervises the same device as a plain `zmq.proxy` program with its default settings
-plus autorestart=true. Goal (issue 4): devmgr median <= 30 ms, max <= 100 ms.
+supervisord and circus run only when their executables are installed (pip install
+supervisor circus); each supervises the same device as a plain `zmq.proxy` program:
+supervisord with its defaults plus autorestart=true, circus with its default
+check_delay and with check_delay = 0.1 s. A contender that is missing is reported as
+such. Goal (issue 4): devmgr median <= 30 ms, max <= 100 ms.
 """
 
 from __future__ import annotations
@@ -192,6 +194,46 @@ def run_supervisord(tmp: Path, kills: int, ctx: zmq.Context[Any]) -> list[float]
         proc.wait(15)
 
 
+def run_circus(
+    tmp: Path, kills: int, ctx: zmq.Context[Any], check_delay: float | None
+) -> list[float]:
+    exe = shutil.which("circusd") or shutil.which("circusd", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise RuntimeError("circusd is not installed")
+    in_ep, out_ep = f"ipc://{tmp}/ci-in", f"ipc://{tmp}/ci-out"
+    prog = tmp / "device.py"
+    prog.write_text(DEVICE_PROGRAM)
+    ini = tmp / "circus.ini"
+    delay = "" if check_delay is None else f"check_delay = {check_delay}\n"
+    ini.write_text(
+        "[circus]\n"
+        f"endpoint = ipc://{tmp}/circus-ctl\npubsub_endpoint = ipc://{tmp}/circus-pub\n"
+        "statsd = False\n" + delay + "\n"
+        f"[watcher:probe]\ncmd = {sys.executable} {prog} {in_ep} {out_ep}\n"
+        "numprocesses = 1\n"
+    )
+    proc = subprocess.Popen([exe, str(ini)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+
+    def current_pid() -> int | None:
+        children = [
+            c
+            for c in me.children()
+            if c.status() != psutil.STATUS_ZOMBIE and "device.py" in " ".join(c.cmdline())
+        ]
+        return children[0].pid if len(children) == 1 else None
+
+    try:
+        return _kill_loop(ctx, in_ep, out_ep, kills, current_pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _kill_loop(
     ctx: zmq.Context[Any],
     in_ep: str,
@@ -230,10 +272,15 @@ def _kill_loop(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--contenders", default="devmgr,supervisord")
+    parser.add_argument("--contenders", default="devmgr,supervisord,circus,circus-0.1s")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
-    runners = {"devmgr": run_devmgr, "supervisord": run_supervisord}
+    runners = {
+        "devmgr": run_devmgr,
+        "supervisord": run_supervisord,
+        "circus": lambda t, k, c: run_circus(t, k, c, None),
+        "circus-0.1s": lambda t, k, c: run_circus(t, k, c, 0.1),
+    }
     results: dict[str, Any] = {}
     ctx: zmq.Context[Any] = zmq.Context()
     try:
