@@ -26,9 +26,10 @@ _resolve_libzmq()
 # busy direction cannot starve the other or the control socket.
 cdef enum:
     BURST = 1000
-# When a ROUTER_MANDATORY out-socket reports POLLOUT (some peer has room) yet refuses
-# the held message (its peer has none), POLLOUT cannot tell us when to retry; a short
-# timer does, without spinning.
+# When a socket reports POLLOUT yet refuses the held message with EAGAIN, POLLOUT cannot
+# tell us when to retry; a short timer does, without spinning. Two cases: a
+# ROUTER_MANDATORY out-socket (some peer has room, the addressee has none), and an XPUB
+# monitor with XPUB_NODROP (always writable, yet full while a subscriber is at its HWM).
 cdef enum:
     BACKOFF_MS = 1
     STAT_COUNT = 8
@@ -86,7 +87,7 @@ cdef struct Direction:
     size_t dst_sent
     size_t mon_sent     # frames on the monitor so far, the prefix included
     bint dropped        # the destination refused this message (EHOSTUNREACH)
-    bint backoff        # see BACKOFF_MS
+    bint backoff        # see BACKOFF_MS: retry this stage on a timer, not on POLLOUT
     bint drained        # terminating, and its source gave EAGAIN
     zmq_msg_t prefix
 
@@ -263,7 +264,6 @@ cdef int advance(Loop *L, Direction *D) noexcept nogil:
                 return ADV_FAIL
             L.stats[D.stat_sent + 1] += <uint64_t>rc
             D.dst_sent += 1
-        D.backoff = False
         if not D.dropped:
             L.stats[D.stat_sent] += 1
         if L.mon == NULL:
@@ -304,11 +304,21 @@ cdef int advance(Loop *L, Direction *D) noexcept nogil:
     return ADV_DONE
 
 
+cdef inline size_t stage_progress(Direction *D) noexcept nogil:
+    """Frames of the held message already sent in its current stage."""
+    return D.dst_sent if D.stage == STAGE_DST else D.mon_sent
+
+
 cdef int serve(Loop *L, Direction *D) except -1 nogil:
-    """Forward up to BURST messages in one direction, then let the others have a turn."""
+    """Forward up to BURST messages in one direction, then let the others have a turn.
+
+    A direction that was woken in a sending stage (by POLLOUT or its backoff timer) and
+    could not send a single frame backs off: its socket claims room it does not have.
+    Any progress clears the backoff, so the next wait is on POLLOUT again.
+    """
     cdef int n = 0, r
-    cdef bint was_waiting_out = D.stage == STAGE_DST
-    cdef size_t sent_before = D.dst_sent
+    cdef int stage_before = D.stage
+    cdef size_t progress_before = stage_progress(D)
     while n < BURST:
         r = advance(L, D)
         if r == ADV_DONE:
@@ -319,10 +329,10 @@ cdef int serve(Loop *L, Direction *D) except -1 nogil:
                 check_signals()
                 continue
             raise_zmq(L.err)
-        if (was_waiting_out and n == 0 and D.stage == STAGE_DST
-                and D.dst_sent == sent_before):
-            D.backoff = True
+        D.backoff = (stage_before != STAGE_RECV and n == 0 and D.stage == stage_before
+                     and stage_progress(D) == progress_before)
         return 0
+    D.backoff = False
     return 0
 
 
@@ -487,8 +497,10 @@ cdef inline bint runnable(Loop *L, Direction *D) noexcept nogil:
             return False
         # while draining, an idle source is tried once so that its EAGAIN is seen
         return L.terminating or (L.items[D.src_slot].revents & ZMQ_POLLIN) != 0
+    if D.backoff:
+        return True  # woken by its timer (or by something else: trying again is cheap)
     if D.stage == STAGE_DST:
-        return D.backoff or (L.items[D.dst_slot].revents & ZMQ_POLLOUT) != 0
+        return (L.items[D.dst_slot].revents & ZMQ_POLLOUT) != 0
     return (L.items[SLOT_MON].revents & ZMQ_POLLOUT) != 0
 
 
@@ -517,12 +529,11 @@ cdef int run_loop(Loop *L) except -1 nogil:
                     L.items[D.src_slot].events |= ZMQ_POLLIN
                     if L.terminating:
                         timeout = 0
+            elif D.backoff:
+                if timeout < 0 or timeout > BACKOFF_MS:
+                    timeout = BACKOFF_MS
             elif D.stage == STAGE_DST:
-                if D.backoff:
-                    if timeout < 0 or timeout > BACKOFF_MS:
-                        timeout = BACKOFF_MS
-                else:
-                    L.items[D.dst_slot].events |= ZMQ_POLLOUT
+                L.items[D.dst_slot].events |= ZMQ_POLLOUT
             else:
                 L.items[SLOT_MON].events |= ZMQ_POLLOUT
         if L.terminating and L.has_deadline:
@@ -615,7 +626,10 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       direction and the control socket are served.
     - Monitor: a PUB monitor never blocks (PUB drops at its HWM). A monitor that can
       block (DEALER, PUSH, PAIR) holds each direction's next copy until it has room,
-      and so holds that direction; the control socket is still served.
+      and so holds that direction; the control socket is still served. A socket that
+      reports POLLOUT yet refuses the message (an XPUB monitor with XPUB_NODROP whose
+      subscriber is at its HWM, a ROUTER_MANDATORY peer that is full) is retried every
+      millisecond instead of polled, so a stall costs no CPU to speak of.
     - ROUTER_MANDATORY: a message its ROUTER cannot route (EHOSTUNREACH) is dropped and
       not counted as sent; it is still copied to the monitor. The loop goes on.
     - Control (`ctrl_socket`, any type; a ROUTER's envelope is answered through): PAUSE

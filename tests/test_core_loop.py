@@ -652,6 +652,87 @@ def test_producer_bursting_then_disconnecting_loses_nothing(ipc_dir: Any, transp
             device.join()
 
 
+def _nodrop_monitor_device(endpoints: tuple[str, str, str], ctrl_endpoint: str, ready: Any) -> None:
+    """A device whose monitor is an XPUB with XPUB_NODROP: always writable, yet it refuses."""
+    ctx: zmq.Context[Socket] = zmq.Context()
+    ins, outs, mon = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH), ctx.socket(zmq.XPUB)
+    mon.setsockopt(zmq.XPUB_NODROP, 1)
+    mon.sndhwm = 1
+    for sock, endpoint in zip((ins, outs, mon), endpoints, strict=True):
+        sock.linger = 0
+        sock.bind(endpoint)
+    ctrl = ctx.socket(zmq.PAIR)
+    ctrl.linger = 1000
+    ctrl.bind(ctrl_endpoint)
+    ready.set()
+    try:
+        _core.proxy(ins, outs, mon, ctrl, drain_timeout=0.2)
+    finally:
+        for sock in (ins, outs, mon, ctrl):
+            sock.close()
+        ctx.term()
+
+
+def test_a_monitor_that_claims_room_but_refuses_does_not_spin(ipc_dir: Any) -> None:
+    import multiprocessing
+
+    import psutil
+
+    mp = multiprocessing.get_context("fork")
+    endpoints = tuple(f"ipc://{ipc_dir}/{name}" for name in ("in", "out", "mon"))
+    ctrl_endpoint = f"ipc://{ipc_dir}/ctrl"
+    ready = mp.Event()
+    device = mp.Process(target=_nodrop_monitor_device, args=(endpoints, ctrl_endpoint, ready))
+    device.start()
+    ctx: zmq.Context[Socket] = zmq.Context()
+    producer, consumer = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    tap, control = ctx.socket(zmq.SUB), ctx.socket(zmq.PAIR)
+    try:
+        assert ready.wait(10)
+        for sock in (producer, consumer, tap, control):
+            sock.linger = 0
+        tap.rcvhwm = 1
+        tap.subscribe(b"")
+        for sock, endpoint in zip((producer, consumer, tap), endpoints, strict=True):
+            sock.connect(endpoint)
+        control.connect(ctrl_endpoint)
+        settle(lambda: producer.send(b"probe"), consumer, tap)
+        count = 200
+        for i in range(count):  # big messages fill the subscriber's buffers quickly
+            producer.send(b"%04d" % i + b"x" * 65_536)
+        previous: list[dict[str, int]] = []
+
+        def stalled() -> bool:
+            # The subscriber never reads: the device must end up holding a message for its
+            # monitor, its counters frozen, with most of the producer's messages unread.
+            while consumer.poll(0):
+                consumer.recv()
+            counters = stats(control)
+            frozen = previous[-1:] == [counters]
+            previous.append(counters)
+            return frozen and counters["in_msgs_received"] < count
+
+        wait_until(stalled, timeout=10, interval=0.1, what="the monitor to stall the device")
+        assert device.pid is not None
+        proc = psutil.Process(device.pid)
+        before, started = sum(proc.cpu_times()[:2]), time.monotonic()
+        assert not consumer.poll(1000)  # the measuring window: still stalled throughout
+        used, window = sum(proc.cpu_times()[:2]) - before, time.monotonic() - started
+        # A spinning loop burns the whole window (a full core); a waiting one a few percent.
+        assert used < 0.25 * window, f"{used:.2f}s of CPU in {window:.2f}s while stalled"
+        assert command(control, b"PING") == [b"PONG"]
+        assert command(control, b"TERMINATE") == [b"OK"]
+        device.join(10)
+        assert device.exitcode == 0
+    finally:
+        for sock in (producer, consumer, tap, control):
+            sock.close(linger=0)
+        ctx.term()
+        if device.is_alive():
+            device.kill()
+            device.join()
+
+
 # --- signals and ETERM -----------------------------------------------------------------
 
 
