@@ -13,7 +13,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport ENOMEM, errno
 from libc.signal cimport SIGINT, SIGTERM
 from libc.stdint cimport uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
@@ -107,12 +107,14 @@ cdef struct Loop:
     int mon_owner       # direction in the middle of a monitor message, or -1
     bint paused
     bint terminating
-    bint reply_pending  # TERMINATE came from the control socket: answer OK at the end
     bint has_deadline
     double drain_timeout
     double deadline
-    FrameBuf ctrlbuf
-    size_t ctrl_env     # leading envelope frames of a ROUTER control request
+    FrameBuf ctrlbuf    # the control request being answered
+    FrameBuf termbuf    # envelopes of the TERMINATE requests to answer at the end, in a row
+    size_t *term_env    # frames of each of those envelopes (0 for a non-ROUTER socket)
+    size_t term_count   # TERMINATE requests to answer OK when the loop returns
+    size_t term_cap
     zmq_msg_t scratch
     uint64_t stats[STAT_COUNT]
     uint64_t dropped
@@ -338,20 +340,20 @@ cdef int serve(Loop *L, Direction *D) except -1 nogil:
 
 # --- control and signals -----------------------------------------------------------
 
-cdef int ctrl_send(Loop *L, int kind) except -1 nogil:
-    """Send one reply (after a ROUTER request's envelope); drop it if it cannot be queued.
+cdef int ctrl_send(Loop *L, int kind, zmq_msg_t *env, size_t env_count) except -1 nogil:
+    """Send one reply after `env_count` envelope frames (a ROUTER request's); never block.
 
-    A reply never blocks the loop: a control peer that went away or stopped reading
-    loses its reply rather than stalling the data path.
+    A reply that cannot be queued at once is dropped: a control peer that went away or
+    stopped reading loses its reply rather than stalling the data path. The envelope
+    frames are consumed when sent; the caller releases what is left of them.
     """
-    cdef FrameBuf *B = &L.ctrlbuf
     cdef size_t i = 0
     cdef int j = 0, parts, rc, e, flags
     cdef const char *data
     cdef size_t size
     cdef bint dropped = False
-    while i < L.ctrl_env:
-        rc = zmq_msg_send(&B.frames[i], L.ctrl, ZMQ_DONTWAIT | ZMQ_SNDMORE)
+    while i < env_count:
+        rc = zmq_msg_send(&env[i], L.ctrl, ZMQ_DONTWAIT | ZMQ_SNDMORE)
         if rc < 0:
             e = zmq_errno()
             if e == EINTR:
@@ -387,8 +389,6 @@ cdef int ctrl_send(Loop *L, int kind) except -1 nogil:
                 raise_zmq(e)
             break
         j += 1
-    framebuf_clear(B)
-    L.ctrl_env = 0
     return 0
 
 
@@ -396,20 +396,59 @@ cdef inline bint is_word(zmq_msg_t *msg, const char *word, size_t size) noexcept
     return zmq_msg_size(msg) == size and memcmp(zmq_msg_data(msg), word, size) == 0
 
 
-cdef void start_terminating(Loop *L, bint reply) noexcept nogil:
-    L.terminating = True
-    L.reply_pending = reply
-    L.deadline = monotonic() + L.drain_timeout
+cdef void start_terminating(Loop *L) noexcept nogil:
+    if not L.terminating:
+        L.terminating = True
+        L.deadline = monotonic() + L.drain_timeout
+
+
+cdef int keep_terminate(Loop *L, size_t env) except -1 nogil:
+    """Keep a TERMINATE request's envelope (moved out of ctrlbuf) for its OK at the end."""
+    cdef FrameBuf *T = &L.termbuf
+    cdef size_t i, cap
+    cdef size_t *grown
+    if L.term_count == L.term_cap:
+        cap = L.term_cap * 2 if L.term_cap else 4
+        grown = <size_t *>realloc(L.term_env, cap * sizeof(size_t))
+        if grown == NULL:
+            raise_zmq(ENOMEM)
+        L.term_env = grown
+        L.term_cap = cap
+    for i in range(env):
+        if T.count == T.cap and framebuf_grow(T) < 0:
+            raise_zmq(ENOMEM)
+        zmq_msg_move(&T.frames[T.count], &L.ctrlbuf.frames[i])
+        T.count += 1
+    L.term_env[L.term_count] = env
+    L.term_count += 1
+    return 0
+
+
+cdef int answer_terminates(Loop *L) except -1 nogil:
+    """Send OK to every TERMINATE received, in order: the loop is about to return."""
+    cdef FrameBuf *T = &L.termbuf
+    cdef size_t k, offset = 0
+    for k in range(L.term_count):
+        ctrl_send(L, REPLY_OK, &T.frames[offset], L.term_env[k])
+        offset += L.term_env[k]
+    L.term_count = 0
+    framebuf_clear(T)
+    return 0
 
 
 cdef int handle_ctrl(Loop *L) except -1 nogil:
-    """Answer every command waiting on the control socket (until TERMINATE)."""
+    """Answer every command waiting on the control socket, draining or not.
+
+    While the loop drains, PING and STATISTICS are answered as usual, PAUSE and RESUME
+    get ERROR (a draining loop reads its inputs whatever the pause state), and every
+    TERMINATE is answered OK when the loop returns.
+    """
     cdef FrameBuf *B = &L.ctrlbuf
-    cdef int rc
+    cdef int rc, kind
     cdef size_t i, env
     cdef zmq_msg_t *cmd
-    while not L.terminating:
-        B.count = 0
+    while True:
+        framebuf_clear(B)
         while True:
             if B.count == B.cap and framebuf_grow(B) < 0:
                 raise_zmq(ENOMEM)
@@ -434,27 +473,24 @@ cdef int handle_ctrl(Loop *L) except -1 nogil:
                 if zmq_msg_size(&B.frames[i]) == 0:
                     env = i + 1
                     break
-        L.ctrl_env = env
-        if B.count - env != 1:
-            ctrl_send(L, REPLY_ERROR)  # multipart command: consumed whole, refused
-            continue
-        cmd = &B.frames[env]
-        if is_word(cmd, b"PAUSE", 5):
-            L.paused = True
-            ctrl_send(L, REPLY_OK)
-        elif is_word(cmd, b"RESUME", 6):
-            L.paused = False
-            ctrl_send(L, REPLY_OK)
-        elif is_word(cmd, b"PING", 4):
-            ctrl_send(L, REPLY_PONG)
-        elif is_word(cmd, b"STATISTICS", 10):
-            ctrl_send(L, REPLY_STATS)
-        elif is_word(cmd, b"TERMINATE", 9):
-            # the envelope stays in ctrlbuf for the OK sent when the loop ends
-            start_terminating(L, True)
-        else:
-            ctrl_send(L, REPLY_ERROR)
-    return 0
+        kind = REPLY_ERROR  # a multipart command is consumed whole and refused
+        if B.count - env == 1:
+            cmd = &B.frames[env]
+            if is_word(cmd, b"PING", 4):
+                kind = REPLY_PONG
+            elif is_word(cmd, b"STATISTICS", 10):
+                kind = REPLY_STATS
+            elif is_word(cmd, b"PAUSE", 5) and not L.terminating:
+                L.paused = True
+                kind = REPLY_OK
+            elif is_word(cmd, b"RESUME", 6) and not L.terminating:
+                L.paused = False
+                kind = REPLY_OK
+            elif is_word(cmd, b"TERMINATE", 9):
+                keep_terminate(L, env)
+                start_terminating(L)
+                continue
+        ctrl_send(L, kind, B.frames, env)
 
 
 cdef int handle_signal_fd(Loop *L) except -1 nogil:
@@ -474,8 +510,8 @@ cdef int handle_signal_fd(Loop *L) except -1 nogil:
         if n < <Py_ssize_t>sizeof(data):
             break
     check_signals()
-    if stop and not L.terminating:
-        start_terminating(L, False)
+    if stop:
+        start_terminating(L)
     return 0
 
 
@@ -516,7 +552,7 @@ cdef int run_loop(Loop *L) except -1 nogil:
             L.items[s].events = 0
             L.items[s].revents = 0
         timeout = -1
-        if L.ctrl != NULL and not L.terminating:
+        if L.ctrl != NULL:
             L.items[SLOT_CTRL].events = ZMQ_POLLIN
         if L.signal_fd >= 0:
             L.items[SLOT_SIGNAL].events = ZMQ_POLLIN
@@ -568,9 +604,9 @@ cdef int run_loop(Loop *L) except -1 nogil:
             D = &L.dirs[d]
             if runnable(L, D):
                 serve(L, D)
-    if L.reply_pending:
-        L.reply_pending = False
-        ctrl_send(L, REPLY_OK)
+    if L.ctrl != NULL:
+        handle_ctrl(L)  # what arrived since the last poll is answered too, then the OKs
+        answer_terminates(L)
     return 0
 
 
@@ -607,6 +643,9 @@ cdef void loop_free(Loop *L) noexcept nogil:
         framebuf_free(&L.dirs[d].buf)
         zmq_msg_close(&L.dirs[d].prefix)
     framebuf_free(&L.ctrlbuf)
+    framebuf_free(&L.termbuf)
+    free(L.term_env)
+    L.term_env = NULL
     zmq_msg_close(&L.scratch)
 
 
@@ -637,6 +676,11 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       PING -> PONG, STATISTICS -> 8 native-endian uint64 frames (CONTRACT 2.1),
       TERMINATE -> drain, then OK and return. Anything else, multipart included, gets
       ERROR. A reply that cannot be queued at once (peer gone or not reading) is dropped.
+      The control socket is served while draining too: PING and STATISTICS as usual,
+      PAUSE and RESUME -> ERROR (draining reads the inputs whatever the pause state),
+      and each TERMINATE, the second included, -> OK just before the loop returns. Every
+      command read gets exactly one reply; commands still queued when the drain ends
+      are read and answered before the OKs.
     - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): read each input until
       EAGAIN and send everything read, for at most `drain_timeout` seconds (None: no
       limit); what is still held then is dropped.
@@ -706,7 +750,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
             L.dirs[d].index = d
             if framebuf_init(&L.dirs[d].buf, 8) < 0:
                 raise MemoryError()
-        if framebuf_init(&L.ctrlbuf, 4) < 0:
+        if framebuf_init(&L.ctrlbuf, 4) < 0 or framebuf_init(&L.termbuf, 4) < 0:
             raise MemoryError()
         with nogil:
             run_loop(&L)

@@ -419,6 +419,42 @@ def test_router_control_socket_answers_through_the_envelope(h: Harness) -> None:
     assert command(dealer, b"TERMINATE") == [b"OK"]
 
 
+def test_control_is_served_while_draining_and_every_command_gets_one_reply(h: Harness) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, _stuck = h.pair(zmq.PUSH, zmq.PULL, peer_options={"rcvhwm": 5}, sndhwm=5)
+    ctrl = h.socket(zmq.ROUTER)
+    ctrl.bind("inproc://ctrl")
+    first, second = h.socket(zmq.DEALER), h.socket(zmq.DEALER)
+    first.connect("inproc://ctrl")
+    second.connect("inproc://ctrl")
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=1.0)
+    for i in range(100):
+        producer.send(b"%d" % i)
+
+    def holding() -> bool:
+        counters = stats(second)
+        return counters["in_msgs_received"] == counters["out_msgs_sent"] + 1 > 5
+
+    wait_until(holding, what="the device to hold a message for its full output")
+    # the output stays full, so the drain lasts until drain_timeout
+    first.send(b"TERMINATE")
+    first.send(b"PING")  # queued behind TERMINATE
+    assert first.poll(5000) and first.recv_multipart() == [b"PONG"]
+    # draining now: the other peer's commands are answered at once, each exactly once
+    assert command(second, b"PING") == [b"PONG"]
+    assert len(command(second, b"STATISTICS")) == 8
+    assert command(second, b"PAUSE") == [b"ERROR"]
+    assert command(second, b"RESUME") == [b"ERROR"]
+    assert command(second, b"BOGUS") == [b"ERROR"]
+    assert loop.thread.is_alive() and not first.poll(0)
+    second.send(b"TERMINATE")  # a second TERMINATE is answered when the loop returns too
+    assert first.poll(5000) and first.recv_multipart() == [b"OK"]
+    assert second.poll(5000) and second.recv_multipart() == [b"OK"]
+    loop.join()
+    assert loop.returned
+    assert not first.poll(100) and not second.poll(0)
+
+
 def test_unroutable_message_with_router_mandatory_is_dropped_and_the_loop_goes_on(
     h: Harness,
 ) -> None:
