@@ -88,7 +88,7 @@ cdef struct Direction:
     size_t mon_sent     # frames on the monitor so far, the prefix included
     bint dropped        # the destination refused this message (EHOSTUNREACH)
     bint backoff        # see BACKOFF_MS: retry this stage on a timer, not on POLLOUT
-    bint drained        # terminating, and its source gave EAGAIN
+    bint drained        # terminating, and its source's last read gave EAGAIN
     zmq_msg_t prefix
 
 
@@ -110,6 +110,9 @@ cdef struct Loop:
     bint has_deadline
     double drain_timeout
     double deadline
+    bint two_way        # both directions relayed: a drain waits for a quiet period
+    double drain_quiet  # seconds both directions must stay idle before a drain ends
+    double idle_since   # when both directions became idle while draining, or -1
     FrameBuf ctrlbuf    # the control request being answered
     FrameBuf termbuf    # envelopes of the TERMINATE requests to answer at the end, in a row
     size_t *term_env    # frames of each of those envelopes (0 for a non-ROUTER socket)
@@ -193,9 +196,8 @@ cdef void framebuf_free(FrameBuf *buf) noexcept nogil:
 # --- one direction -----------------------------------------------------------------
 
 cdef inline bint reading_allowed(Loop *L, Direction *D) noexcept nogil:
-    if L.terminating:
-        return not D.drained
-    return not L.paused
+    # a drain reads whatever the pause state: what it leaves unread would be lost
+    return L.terminating or not L.paused
 
 
 cdef int advance(Loop *L, Direction *D) noexcept nogil:
@@ -227,6 +229,7 @@ cdef int advance(Loop *L, Direction *D) noexcept nogil:
                 L.err = rc
                 return ADV_FAIL
             D.buf.count += 1
+            D.drained = False
             L.stats[D.stat_received + 1] += <uint64_t>rc
             if not zmq_msg_more(frame):
                 break
@@ -518,11 +521,25 @@ cdef int handle_signal_fd(Loop *L) except -1 nogil:
 # --- the loop ----------------------------------------------------------------------
 
 cdef bint drain_finished(Loop *L) noexcept nogil:
+    """Tell whether a drain is over: every direction idle, and for two ways, quietly so.
+
+    A direction is idle when it holds nothing and its last read gave EAGAIN. With both
+    directions relayed, one idle moment is not enough: a reply to a request forwarded a
+    moment ago is still on its way back. So both must stay idle for `drain_quiet`
+    seconds; any message read starts the quiet period over. drain_timeout caps it all.
+    """
     cdef int d
+    cdef double now
     for d in range(2):
         if L.dirs[d].enabled and not (L.dirs[d].drained and L.dirs[d].stage == STAGE_RECV):
+            L.idle_since = -1.0
             return False
-    return True
+    if not L.two_way:
+        return True
+    now = monotonic()
+    if L.idle_since < 0:
+        L.idle_since = now
+    return now - L.idle_since >= L.drain_quiet
 
 
 cdef inline bint runnable(Loop *L, Direction *D) noexcept nogil:
@@ -531,8 +548,10 @@ cdef inline bint runnable(Loop *L, Direction *D) noexcept nogil:
     if D.stage == STAGE_RECV:
         if not reading_allowed(L, D):
             return False
-        # while draining, an idle source is tried once so that its EAGAIN is seen
-        return L.terminating or (L.items[D.src_slot].revents & ZMQ_POLLIN) != 0
+        # while draining, a source is tried once so that its EAGAIN is seen; once it
+        # has given EAGAIN, it is read again when POLLIN says so (the quiet period)
+        return ((L.terminating and not D.drained)
+                or (L.items[D.src_slot].revents & ZMQ_POLLIN) != 0)
     if D.backoff:
         return True  # woken by its timer (or by something else: trying again is cheap)
     if D.stage == STAGE_DST:
@@ -563,7 +582,7 @@ cdef int run_loop(Loop *L) except -1 nogil:
             if D.stage == STAGE_RECV:
                 if reading_allowed(L, D):
                     L.items[D.src_slot].events |= ZMQ_POLLIN
-                    if L.terminating:
+                    if L.terminating and not D.drained:
                         timeout = 0
             elif D.backoff:
                 if timeout < 0 or timeout > BACKOFF_MS:
@@ -572,6 +591,12 @@ cdef int run_loop(Loop *L) except -1 nogil:
                 L.items[D.dst_slot].events |= ZMQ_POLLOUT
             else:
                 L.items[SLOT_MON].events |= ZMQ_POLLOUT
+        if L.terminating and L.idle_since >= 0:
+            remaining = (L.idle_since + L.drain_quiet - monotonic()) * 1000.0 + 1.0
+            if remaining < 0:
+                remaining = 0
+            if timeout < 0 or remaining < timeout:
+                timeout = <int>remaining
         if L.terminating and L.has_deadline:
             remaining = (L.deadline - monotonic()) * 1000.0 + 1.0
             if remaining < 0:
@@ -650,7 +675,8 @@ cdef void loop_free(Loop *L) noexcept nogil:
 
 
 def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
-          in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0):
+          in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0,
+          drain_quiet=0.1):
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
     Both directions are relayed (a direction whose source cannot receive or whose
@@ -681,9 +707,14 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       and each TERMINATE, the second included, -> OK just before the loop returns. Every
       command read gets exactly one reply; commands still queued when the drain ends
       are read and answered before the OKs.
-    - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): read each input until
-      EAGAIN and send everything read, for at most `drain_timeout` seconds (None: no
-      limit); what is still held then is dropped.
+    - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): stop when everything
+      read has been sent and the inputs give EAGAIN. When both directions are relayed
+      (a ROUTER/DEALER queue), both must have stayed idle for `drain_quiet` seconds
+      (default 0.1), each message read starting that wait over, so that replies to
+      requests forwarded just before the stop still get back. Never longer than
+      `drain_timeout` seconds (None: no limit); what is still held then is dropped.
+      A peer that keeps sending therefore holds a drain open until drain_timeout. PAUSE
+      does not hold a drain: it reads both inputs.
     - `signal_fd` readable: read it out, run Python's signal handlers (raising what they
       raise), and drain and return on a SIGTERM or SIGINT byte. EINTR also runs the
       handlers, then the loop goes on.
@@ -716,6 +747,9 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
             L.ctrl = socket_handle(ctrl_socket)
             L.ctrl_is_router = ctrl_socket.type == ZMQ_ROUTER
         L.signal_fd = -1 if signal_fd is None else int(signal_fd)
+        L.drain_quiet = float(drain_quiet)
+        if not L.drain_quiet >= 0:
+            raise ValueError(f"drain_quiet must be >= 0, not {drain_quiet!r}")
         if drain_timeout is None:
             L.has_deadline = False
         else:
@@ -723,6 +757,8 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
             if not L.drain_timeout >= 0:
                 raise ValueError(f"drain_timeout must be >= 0 or None, not {drain_timeout!r}")
             L.has_deadline = True
+            if L.drain_quiet > L.drain_timeout:
+                L.drain_quiet = L.drain_timeout
         in_type = in_socket.type
         out_type = out_socket.type
         L.swap_ids = in_type == ZMQ_ROUTER and out_type == ZMQ_ROUTER
@@ -743,6 +779,8 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
         # one socket for both sides (pyzmq's Device with out_type < 0): relay it to itself
         L.dirs[1].enabled = (L.ins != L.outs and out_type in _CAN_RECV
                              and in_type in _CAN_SEND)
+        L.two_way = L.dirs[0].enabled and L.dirs[1].enabled
+        L.idle_since = -1.0
         if not (L.dirs[0].enabled or L.dirs[1].enabled):
             raise ValueError(
                 f"nothing to relay between socket types {in_type} and {out_type}")

@@ -14,6 +14,7 @@ def proxy(
     *,
     signal_fd: int = -1,
     drain_timeout: float | None = 1.0,
+    drain_quiet: float = 0.1,
 ) -> None:
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
@@ -24,6 +25,8 @@ def proxy(
     STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
     handlers; a SIGTERM or SIGINT byte drains and returns like TERMINATE, unanswered.
     `drain_timeout`: seconds to drain after TERMINATE (None: until done).
+    `drain_quiet`: with both directions relayed, a drain ends only once both have been
+    idle this long (capped by drain_timeout), so replies to forwarded requests get back.
 
     Returns None after TERMINATE or a SIGTERM/SIGINT byte, once drained.
 

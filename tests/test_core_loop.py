@@ -382,6 +382,45 @@ def test_terminate_drains_what_is_queued_in_the_device_then_answers(h: Harness) 
     assert [consumer.recv() for _ in range(500)] == [b"%d" % i for i in range(500)]
 
 
+def test_terminate_waits_for_the_reply_to_a_request_forwarded_just_before(h: Harness) -> None:
+    ins, client = h.pair(zmq.ROUTER, zmq.REQ)
+    outs, worker = h.pair(zmq.DEALER, zmq.REP)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=2.0)
+    working = threading.Event()
+
+    def serve_one() -> None:
+        if worker.poll(5000):
+            request = worker.recv_multipart()
+            working.set()
+            time.sleep(0.05)  # the work itself, not a wait for a condition
+            worker.send_multipart([b"reply to ", *request])
+
+    replier = threading.Thread(target=serve_one)
+    replier.start()
+    client.send(b"request")
+    assert working.wait(5), "the request never reached the worker"
+    # the request is out; its reply is 50 ms away, and nothing else is in flight
+    assert command(control, b"TERMINATE") == [b"OK"]
+    replier.join(5)
+    loop.join()
+    assert client.poll(1000), "the reply was lost in the drain"
+    assert client.recv_multipart() == [b"reply to ", b"request"]
+
+
+def test_a_two_way_drain_ends_after_its_quiet_period(h: Harness) -> None:
+    ins, _client = h.pair(zmq.ROUTER, zmq.DEALER)
+    outs, _worker = h.pair(zmq.DEALER, zmq.DEALER)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.2)
+    assert command(control, b"PING") == [b"PONG"]
+    started = time.monotonic()
+    assert command(control, b"TERMINATE") == [b"OK"]
+    loop.join()
+    # nothing in flight: the drain lasts its quiet period, not its timeout
+    assert 0.2 <= time.monotonic() - started < 2.0
+
+
 def test_terminate_gives_up_on_a_blocked_output_after_drain_timeout(h: Harness) -> None:
     ins, producer = h.pair(zmq.PULL, zmq.PUSH)
     outs, _stuck = h.pair(zmq.PUSH, zmq.PULL, peer_options={"rcvhwm": 5}, sndhwm=5)
