@@ -10,6 +10,7 @@ from the parent of a process device, each through a short-lived socket of its ow
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,16 @@ def _private_ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="devmgr-", dir=base)
 
 
+def _remove_private_dir(path: str, owner_pid: int) -> None:
+    """Remove a device's control folder, in the process that made it only.
+
+    A forked child inherits its parent's finalizers; when it exits it must not pull the
+    control socket from under a device its parent still runs.
+    """
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class _Controlled:
     """What devmgr adds to a pyzmq device: the loop, a control channel, signals.
 
@@ -129,6 +141,7 @@ class _Controlled:
 
     _ctrl_dir: str | None = None
     _ctrl_endpoint: str | None = None
+    _ctrl_cleanup: weakref.finalize[[str, int], _Controlled] | None = None
     _in_child: bool = False
 
     # --- running (in the device's thread or process) ---------------------------------
@@ -138,6 +151,12 @@ class _Controlled:
             raise RuntimeError("a device can be started once")
         self._ctrl_dir = _private_ipc_dir()
         self._ctrl_endpoint = f"ipc://{self._ctrl_dir}/ctrl"
+        # A daemon thread device nobody stops, or a killed process device nobody joins,
+        # never reaches _finish: remove the folder when the device object goes, or at
+        # interpreter exit, whichever comes first.
+        self._ctrl_cleanup = weakref.finalize(
+            self, _remove_private_dir, self._ctrl_dir, os.getpid()
+        )
 
     def _subscribe_all(self, ins: zmq.Socket[Any]) -> None:
         # A SUB input without a subscription would forward nothing, never what is meant.
@@ -204,7 +223,10 @@ class _Controlled:
 
     def _remove_ctrl_dir(self) -> None:
         if self._ctrl_dir is not None:
+            # also from a process device's own child, which did not make the folder
             shutil.rmtree(self._ctrl_dir, ignore_errors=True)
+        if self._ctrl_cleanup is not None:
+            self._ctrl_cleanup()  # done: nothing left for the finalizer at exit
 
     # --- controlling (from any thread, or the parent process) -------------------------
 
@@ -371,7 +393,7 @@ class _ProcessLaunch(_Controlled):
     def __getstate__(self) -> dict[str, Any]:
         # for spawn/forkserver: the child needs the configuration, not our runtime state
         state = dict(self.__dict__)
-        for runtime in ("launcher", "_context", "_sockets"):
+        for runtime in ("launcher", "_context", "_sockets", "_ctrl_cleanup"):
             state.pop(runtime, None)
         state["_sockets"] = []
         return state

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -445,6 +447,46 @@ def test_a_process_device_that_cannot_bind_ends_and_stop_returns(
         if dev.launcher.is_alive():
             dev.launcher.kill()
             dev.launcher.join()
+
+
+_ABANDON_DEVICES = """
+import os, signal, sys
+import zmq
+import devmgr
+
+folder = sys.argv[1]
+devices = []
+for kind, name in ((devmgr.ThreadDevice, "thread"), (devmgr.ProcessDevice, "process")):
+    dev = kind(zmq.STREAMER, zmq.PULL, zmq.PUSH)
+    dev.bind_in(f"ipc://{folder}/{name}-in")
+    dev.bind_out(f"ipc://{folder}/{name}-out")
+    dev.setsockopt_in(zmq.LINGER, 0)
+    dev.setsockopt_out(zmq.LINGER, 0)
+    dev.daemon = True
+    dev.start()
+    assert dev.ping(timeout=10)
+    devices.append(dev)
+os.kill(devices[1].launcher.pid, signal.SIGKILL)  # killed, and never joined
+print(" ".join(dev._ctrl_dir for dev in devices), flush=True)
+# exit without stop(): the daemon thread device is still running
+"""
+
+
+def test_control_folders_go_when_devices_are_abandoned(ipc_dir: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(ipc_dir))  # control folders made under ipc_dir
+    done = subprocess.run(
+        [sys.executable, "-c", _ABANDON_DEVICES, str(ipc_dir)],
+        env=env,
+        cwd=ipc_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    folders = done.stdout.split()
+    assert len(folders) == 2 and all(f.startswith(str(ipc_dir)) for f in folders)
+    assert [f for f in folders if os.path.exists(f)] == []
 
 
 def test_parse_stats() -> None:
