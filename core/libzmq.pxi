@@ -8,6 +8,12 @@
 # therefore survives a pyzmq upgrade that renames its bundled library, and a process
 # never holds two libzmq copies whose sockets must not meet.
 #
+# One catch: the dynamic linker binds pyzmq's calls to the global scope first (the
+# program, LD_PRELOAD, anything loaded RTLD_GLOBAL). If a libzmq is there too, pyzmq may
+# be calling that one while the handle's lookup finds pyzmq's own. Each symbol is
+# therefore also looked up in the global scope; a definition from another file means
+# two libzmq copies, and devmgr refuses to guess which one owns pyzmq's sockets.
+#
 # Sockets cross over as `socket.underlying` (the address of libzmq's socket object).
 
 from libc.stdint cimport uint64_t, uintptr_t
@@ -25,6 +31,7 @@ cdef extern from "dlfcn.h" nogil:
     int dladdr(const void *addr, Dl_info *info)
     int RTLD_NOW
     int RTLD_NOLOAD
+    void *RTLD_DEFAULT
 
 cdef extern from "errno.h":
     # libzmq uses the system's values for these on Linux.
@@ -149,11 +156,34 @@ cdef zmq_getsockopt_fn zmq_getsockopt = NULL
 cdef zmq_setsockopt_fn zmq_setsockopt = NULL
 
 
-cdef void *_libzmq_symbol(void *handle, const char *name, list missing):
-    """Look up one libzmq function through pyzmq's backend handle; note it if absent."""
+cdef str _object_file(void *address):
+    """Name the shared object that defines `address` (via dladdr)."""
+    cdef Dl_info info
+    if dladdr(<const void *>address, &info) == 0 or info.dli_fname == NULL:
+        return "an unknown object"
+    return info.dli_fname.decode(errors="replace")
+
+
+cdef void *_libzmq_symbol(void *handle, const char *name, list missing, list clashes):
+    """Look up one libzmq function through pyzmq's backend handle; note it if absent.
+
+    The global scope's definition is taken only when it lives in the same file as the
+    handle's; a definition in another file is noted in `clashes` as (global, pyzmq's).
+    """
     cdef void *address = dlsym(handle, name)
+    cdef void *global_address
+    cdef Dl_info ours, theirs
     if address == NULL:
         missing.append(name.decode())
+        return NULL
+    global_address = dlsym(RTLD_DEFAULT, name)
+    if global_address == NULL or global_address == address:
+        return address
+    if (dladdr(<const void *>address, &ours) != 0
+            and dladdr(<const void *>global_address, &theirs) != 0
+            and ours.dli_fbase == theirs.dli_fbase):
+        return global_address  # the same libzmq, reached another way
+    clashes.append((_object_file(global_address), _object_file(address)))
     return address
 
 
@@ -168,6 +198,7 @@ cdef int _resolve_libzmq() except -1:
     global zmq_poll, zmq_getsockopt, zmq_setsockopt
     cdef void *handle
     cdef list missing = []
+    cdef list clashes = []
     try:
         import zmq.backend.cython._zmq as _pyzmq_backend
     except ImportError as exc:
@@ -184,27 +215,49 @@ cdef int _resolve_libzmq() except -1:
             f"devmgr could not get a handle on pyzmq's backend {path.decode()!r}: "
             f"{error.decode() if error != NULL else 'unknown dlopen error'}"
         )
-    zmq_version = <zmq_version_fn>_libzmq_symbol(handle, b"zmq_version", missing)
-    zmq_errno = <zmq_errno_fn>_libzmq_symbol(handle, b"zmq_errno", missing)
-    zmq_strerror = <zmq_strerror_fn>_libzmq_symbol(handle, b"zmq_strerror", missing)
-    zmq_msg_init = <zmq_msg_init_fn>_libzmq_symbol(handle, b"zmq_msg_init", missing)
+    zmq_version = <zmq_version_fn>_libzmq_symbol(handle, b"zmq_version", missing, clashes)
+    zmq_errno = <zmq_errno_fn>_libzmq_symbol(handle, b"zmq_errno", missing, clashes)
+    zmq_strerror = <zmq_strerror_fn>_libzmq_symbol(
+        handle, b"zmq_strerror", missing, clashes)
+    zmq_msg_init = <zmq_msg_init_fn>_libzmq_symbol(
+        handle, b"zmq_msg_init", missing, clashes)
     zmq_msg_init_size = <zmq_msg_init_size_fn>_libzmq_symbol(
-        handle, b"zmq_msg_init_size", missing)
-    zmq_msg_close = <zmq_msg_close_fn>_libzmq_symbol(handle, b"zmq_msg_close", missing)
-    zmq_msg_data = <zmq_msg_data_fn>_libzmq_symbol(handle, b"zmq_msg_data", missing)
-    zmq_msg_size = <zmq_msg_size_fn>_libzmq_symbol(handle, b"zmq_msg_size", missing)
-    zmq_msg_more = <zmq_msg_more_fn>_libzmq_symbol(handle, b"zmq_msg_more", missing)
-    zmq_msg_move = <zmq_msg_move_fn>_libzmq_symbol(handle, b"zmq_msg_move", missing)
-    zmq_msg_copy = <zmq_msg_copy_fn>_libzmq_symbol(handle, b"zmq_msg_copy", missing)
-    zmq_msg_recv = <zmq_msg_recv_fn>_libzmq_symbol(handle, b"zmq_msg_recv", missing)
-    zmq_msg_send = <zmq_msg_send_fn>_libzmq_symbol(handle, b"zmq_msg_send", missing)
-    zmq_send = <zmq_send_fn>_libzmq_symbol(handle, b"zmq_send", missing)
-    zmq_send_const = <zmq_send_const_fn>_libzmq_symbol(handle, b"zmq_send_const", missing)
-    zmq_recv = <zmq_recv_fn>_libzmq_symbol(handle, b"zmq_recv", missing)
-    zmq_poll = <zmq_poll_fn>_libzmq_symbol(handle, b"zmq_poll", missing)
-    zmq_getsockopt = <zmq_getsockopt_fn>_libzmq_symbol(handle, b"zmq_getsockopt", missing)
-    zmq_setsockopt = <zmq_setsockopt_fn>_libzmq_symbol(handle, b"zmq_setsockopt", missing)
+        handle, b"zmq_msg_init_size", missing, clashes)
+    zmq_msg_close = <zmq_msg_close_fn>_libzmq_symbol(
+        handle, b"zmq_msg_close", missing, clashes)
+    zmq_msg_data = <zmq_msg_data_fn>_libzmq_symbol(
+        handle, b"zmq_msg_data", missing, clashes)
+    zmq_msg_size = <zmq_msg_size_fn>_libzmq_symbol(
+        handle, b"zmq_msg_size", missing, clashes)
+    zmq_msg_more = <zmq_msg_more_fn>_libzmq_symbol(
+        handle, b"zmq_msg_more", missing, clashes)
+    zmq_msg_move = <zmq_msg_move_fn>_libzmq_symbol(
+        handle, b"zmq_msg_move", missing, clashes)
+    zmq_msg_copy = <zmq_msg_copy_fn>_libzmq_symbol(
+        handle, b"zmq_msg_copy", missing, clashes)
+    zmq_msg_recv = <zmq_msg_recv_fn>_libzmq_symbol(
+        handle, b"zmq_msg_recv", missing, clashes)
+    zmq_msg_send = <zmq_msg_send_fn>_libzmq_symbol(
+        handle, b"zmq_msg_send", missing, clashes)
+    zmq_send = <zmq_send_fn>_libzmq_symbol(handle, b"zmq_send", missing, clashes)
+    zmq_send_const = <zmq_send_const_fn>_libzmq_symbol(
+        handle, b"zmq_send_const", missing, clashes)
+    zmq_recv = <zmq_recv_fn>_libzmq_symbol(handle, b"zmq_recv", missing, clashes)
+    zmq_poll = <zmq_poll_fn>_libzmq_symbol(handle, b"zmq_poll", missing, clashes)
+    zmq_getsockopt = <zmq_getsockopt_fn>_libzmq_symbol(
+        handle, b"zmq_getsockopt", missing, clashes)
+    zmq_setsockopt = <zmq_setsockopt_fn>_libzmq_symbol(
+        handle, b"zmq_setsockopt", missing, clashes)
     # The handle is deliberately kept open: pyzmq keeps the library mapped anyway.
+    if clashes:
+        other, pyzmqs = clashes[0]
+        raise ImportError(
+            f"two copies of libzmq are loaded in this process: {other} (in the global "
+            f"symbol scope: linked into the program, LD_PRELOADed or loaded with "
+            f"RTLD_GLOBAL) and {pyzmqs} (pyzmq's). pyzmq's calls may go to either, and "
+            "sockets of one copy must never reach the other, so devmgr will not guess: "
+            "load only the libzmq pyzmq uses."
+        )
     if missing:
         raise ImportError(
             "devmgr could not find these libzmq functions through pyzmq's backend "

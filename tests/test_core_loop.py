@@ -928,6 +928,55 @@ def test_context_termination_raises_context_terminated_as_pyzmq(impl: str) -> No
     assert isinstance(loop.error, zmq.ContextTerminated)
 
 
+_SECOND_LIBZMQ = """
+import ctypes, sys
+copy, order = sys.argv[1], sys.argv[2]
+if order == "before-pyzmq":
+    ctypes.CDLL(copy, mode=ctypes.RTLD_GLOBAL)  # pyzmq's calls then bind to the copy
+import zmq
+if order == "after-pyzmq":
+    ctypes.CDLL(copy, mode=ctypes.RTLD_GLOBAL)
+try:
+    import devmgr._core
+except ImportError as exc:
+    print("refused:", exc)
+else:
+    print("imported, calling", devmgr._core.libzmq_path())
+"""
+
+
+@pytest.mark.parametrize("order", ["before-pyzmq", "after-pyzmq"])
+def test_a_second_libzmq_in_the_global_scope_is_refused(tmp_path: Any, order: str) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    bundled = _core.libzmq_path()
+    assert bundled is not None
+    # A second libzmq, as a distribution's would be: pyzmq's code under another file name
+    # and another SONAME (with the same SONAME the loader would take it for pyzmq's own
+    # and map only one). Its libsodium is found beside it through its $ORIGIN rpath.
+    with open(bundled, "rb") as original:
+        image = original.read()
+    soname = os.path.basename(bundled).encode()
+    assert image.count(soname) == 1, "the SONAME should be the library's file name"
+    copy = tmp_path / "libzmq-second-copy.so"
+    copy.write_bytes(image.replace(soname, b"X" * len(soname)))
+    for sibling in os.scandir(os.path.dirname(bundled)):
+        if sibling.is_file() and "libzmq" not in sibling.name:
+            shutil.copyfile(sibling.path, tmp_path / sibling.name)
+    done = subprocess.run(
+        [sys.executable, "-c", _SECOND_LIBZMQ, str(copy), order],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: two copies of libzmq"), done.stdout
+    assert str(copy) in done.stdout
+
+
 def test_only_one_libzmq_is_mapped() -> None:
     with open("/proc/self/maps") as maps:
         mapped = {line.split()[-1] for line in maps if "libzmq" in line.rsplit("/", 1)[-1]}
