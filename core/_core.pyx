@@ -98,6 +98,7 @@ cdef struct Loop:
     void *mon
     void *ctrl
     int signal_fd
+    bint drain_on_signals  # a SIGTERM/SIGINT byte on signal_fd starts a drain
     bint swap_ids
     bint ctrl_is_router
     Direction dirs[2]
@@ -497,7 +498,7 @@ cdef int handle_ctrl(Loop *L) except -1 nogil:
 
 
 cdef int handle_signal_fd(Loop *L) except -1 nogil:
-    """Drain the wakeup fd, run Python's handlers, and start draining on SIGTERM/SIGINT."""
+    """Empty the wakeup fd, run Python's handlers, and (if asked) drain on SIGTERM/SIGINT."""
     cdef unsigned char data[64]
     cdef Py_ssize_t n, k
     cdef bint stop = False
@@ -513,7 +514,7 @@ cdef int handle_signal_fd(Loop *L) except -1 nogil:
         if n < <Py_ssize_t>sizeof(data):
             break
     check_signals()
-    if stop:
+    if stop and L.drain_on_signals:
         start_terminating(L)
     return 0
 
@@ -676,7 +677,7 @@ cdef void loop_free(Loop *L) noexcept nogil:
 
 def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
           in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0,
-          drain_quiet=0.1):
+          drain_quiet=0.1, drain_on_signals=True):
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
     Both directions are relayed (a direction whose source cannot receive or whose
@@ -716,8 +717,11 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       A peer that keeps sending therefore holds a drain open until drain_timeout. PAUSE
       does not hold a drain: it reads both inputs.
     - `signal_fd` readable: read it out, run Python's signal handlers (raising what they
-      raise), and drain and return on a SIGTERM or SIGINT byte. EINTR also runs the
-      handlers, then the loop goes on.
+      raise), and, when `drain_on_signals` is true (the default, what a device process
+      such as devmgr's child wants), drain and return on a SIGTERM or SIGINT byte. With
+      `drain_on_signals=False` the handlers alone decide: one that raises ends the loop,
+      one that returns lets it go on (what pyzmq's loops do in a foreground program).
+      EINTR also runs the handlers, then the loop goes on.
 
     Returns None after TERMINATE or a stop signal, once drained.
 
@@ -747,6 +751,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
             L.ctrl = socket_handle(ctrl_socket)
             L.ctrl_is_router = ctrl_socket.type == ZMQ_ROUTER
         L.signal_fd = -1 if signal_fd is None else int(signal_fd)
+        L.drain_on_signals = bool(drain_on_signals)
         L.drain_quiet = float(drain_quiet)
         if not L.drain_quiet >= 0:
             raise ValueError(f"drain_quiet must be >= 0, not {drain_quiet!r}")

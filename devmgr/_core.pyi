@@ -15,6 +15,7 @@ def proxy(
     signal_fd: int = -1,
     drain_timeout: float | None = 1.0,
     drain_quiet: float = 0.1,
+    drain_on_signals: bool = True,
 ) -> None:
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
@@ -23,7 +24,8 @@ def proxy(
     message is copied to `mon_socket` behind its direction's prefix frame; ROUTER to
     ROUTER swaps the two identity frames. `ctrl_socket` takes PAUSE, RESUME, TERMINATE,
     STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
-    handlers; a SIGTERM or SIGINT byte drains and returns like TERMINATE, unanswered.
+    handlers; with `drain_on_signals` (default), a SIGTERM or SIGINT byte also drains and
+    returns like TERMINATE, unanswered; without it, only the handlers decide.
     `drain_timeout`: seconds to drain after TERMINATE (None: until done).
     `drain_quiet`: with both directions relayed, a drain ends only once both have been
     idle this long (capped by drain_timeout), so replies to forwarded requests get back.

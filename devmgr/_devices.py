@@ -191,6 +191,9 @@ class _Controlled:
                 out_prefix,
                 signal_fd=wakeup_fd,
                 drain_timeout=self.drain_timeout,
+                # A process device drains on SIGTERM/SIGINT (its handlers are no-ops); in
+                # the user's own thread the user's handlers decide, as with pyzmq.
+                drain_on_signals=self._in_child,
             )
 
     def run(self) -> None:
@@ -323,7 +326,8 @@ class _SignalWakeup:
     A signal may be delivered to a thread other than the one in zmq_poll; the wakeup
     fd makes the loop run Python's handlers promptly either way. In a process device
     SIGTERM and SIGINT get no-op handlers, so their bytes make the loop drain and
-    return (exit status 0) instead of killing the process mid-message.
+    return (exit status 0) instead of killing the process mid-message. Elsewhere the
+    user's handlers alone decide whether a signal ends the device (by raising).
     """
 
     def __init__(self, drain_on_term: bool) -> None:

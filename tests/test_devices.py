@@ -285,6 +285,50 @@ def test_foreground_monitored_queue_is_stopped_from_another_thread(
     assert signal.set_wakeup_fd(-1) == -1  # the loop's wakeup fd was handed back
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_foreground_device_keeps_running_when_the_handler_lets_it(
+    peers: Peers, ipc_dir: Path, signame: str
+) -> None:
+    signum = getattr(signal, signame)
+    handled: list[int] = []
+    previous = signal.signal(signum, lambda received, frame: handled.append(received))
+    ep_in, ep_out = endpoints(ipc_dir, "in", "out")
+    dev = devmgr.Device(zmq.STREAMER, zmq.PULL, zmq.PUSH)
+    dev.context_factory = zmq.Context  # a private context, ended below
+    dev.bind_in(ep_in)
+    dev.bind_out(ep_out)
+    no_linger(dev, "in", "out")
+    outcome: list[object] = []
+
+    def drive() -> None:
+        try:
+            producer = peers.socket(zmq.PUSH, ep_in)
+            consumer = peers.socket(zmq.PULL, ep_out)
+            wait_until(lambda: dev._ctrl_endpoint, timeout=10, what="start() to begin")
+            assert dev.ping(timeout=10)
+            os.kill(os.getpid(), signum)
+            wait_until(lambda: handled, timeout=5, what="the user's handler to run")
+            # the handler returned: the device is still there and still relaying
+            assert dev.ping(timeout=5)
+            producer.send(b"after the signal")
+            outcome.append(consumer.recv())
+            dev.stop(timeout=5)
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        dev.start()  # blocks in this (main) thread until stop()
+    finally:
+        driver.join(20)
+        signal.signal(signum, previous)
+        dev._context.term()
+    assert outcome == [b"after the signal"]
+    assert handled == [signum]
+
+
 # --- switching from pyzmq --------------------------------------------------------------
 
 
