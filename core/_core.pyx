@@ -677,14 +677,15 @@ cdef void loop_free(Loop *L) noexcept nogil:
 
 def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
           in_prefix=b"in", out_prefix=b"out", *, signal_fd=-1, drain_timeout=1.0,
-          drain_quiet=0.1, drain_on_signals=True):
+          drain_quiet=0.1, drain_on_signals=True, swap_ids=True):
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
     Both directions are relayed (a direction whose source cannot receive or whose
     destination cannot send, such as a FORWARDER's PUB side, is skipped). Each whole
     message is copied to `mon_socket` behind its direction's prefix frame, and ROUTER to
-    ROUTER swaps the first two frames, as pyzmq's monitored_queue does. Multipart
-    messages are never split or interleaved, on any socket.
+    ROUTER swaps the first two frames, as pyzmq's monitored_queue does; with
+    `swap_ids=False` nothing is swapped, as in pyzmq's zmq.proxy (its plain devices).
+    Multipart messages are never split or interleaved, on any socket.
 
     Rules where pyzmq's loop is silent or dies:
     - Backpressure: a direction whose destination is full (HWM of a blocking type) holds
@@ -766,7 +767,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
                 L.drain_quiet = L.drain_timeout
         in_type = in_socket.type
         out_type = out_socket.type
-        L.swap_ids = in_type == ZMQ_ROUTER and out_type == ZMQ_ROUTER
+        L.swap_ids = bool(swap_ids) and in_type == ZMQ_ROUTER and out_type == ZMQ_ROUTER
 
         L.items[SLOT_IN].socket = L.ins
         L.items[SLOT_OUT].socket = L.outs

@@ -16,14 +16,16 @@ def proxy(
     drain_timeout: float | None = 1.0,
     drain_quiet: float = 0.1,
     drain_on_signals: bool = True,
+    swap_ids: bool = True,
 ) -> None:
     """Relay messages between two sockets until TERMINATE, a stop signal or ETERM.
 
     Both directions are relayed (a direction whose source cannot receive or whose
     destination cannot send, e.g. a FORWARDER's PUB side, is skipped); each whole
     message is copied to `mon_socket` behind its direction's prefix frame; ROUTER to
-    ROUTER swaps the two identity frames. `ctrl_socket` takes PAUSE, RESUME, TERMINATE,
-    STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
+    ROUTER swaps the two identity frames (monitored_queue's way) unless `swap_ids` is
+    False (zmq.proxy's way, pyzmq's plain devices). `ctrl_socket` takes PAUSE, RESUME,
+    TERMINATE, STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
     handlers; with `drain_on_signals` (default), a SIGTERM or SIGINT byte also drains and
     returns like TERMINATE, unanswered; without it, only the handlers decide.
     `drain_timeout`: seconds to drain after TERMINATE (None: until done).

@@ -178,6 +178,8 @@ class _Controlled:
         mons: zmq.Socket[Any] | None,
         in_prefix: bytes = b"in",
         out_prefix: bytes = b"out",
+        *,
+        swap_ids: bool = True,
     ) -> None:
         self._subscribe_all(ins)
         ctrl = self._control_socket()
@@ -194,6 +196,7 @@ class _Controlled:
                 # A process device drains on SIGTERM/SIGINT (its handlers are no-ops); in
                 # the user's own thread the user's handlers decide, as with pyzmq.
                 drain_on_signals=self._in_child,
+                swap_ids=swap_ids,
             )
 
     def run(self) -> None:
@@ -443,7 +446,8 @@ class _PlainRunner(_Controlled):
     def run_device(self) -> None:
         """Build the two sockets and run the loop without a monitor."""
         ins, outs = self._setup_sockets()
-        self._run_loop(ins, outs, None)
+        # pyzmq's plain devices run zmq.proxy, which never swaps ROUTER identities
+        self._run_loop(ins, outs, None, swap_ids=False)
 
 
 class MonitoredQueue(_MonitoredQueueRunner, _ForegroundLaunch, zmq.devices.MonitoredQueue):

@@ -366,6 +366,39 @@ def test_switching_from_pyzmq_is_an_import_change(peers: Peers, module: ModuleTy
     assert not dev.launcher.is_alive()
 
 
+@pytest.mark.usefixtures("instance_context")
+@pytest.mark.parametrize("module", [zmq.devices, devmgr], ids=["pyzmq", "devmgr"])
+@pytest.mark.parametrize("variant", ["ThreadDevice", "ThreadMonitoredQueue"])
+def test_router_to_router_swaps_identities_only_in_a_monitored_queue(
+    peers: Peers, ipc_dir: Path, module: ModuleType, variant: str
+) -> None:
+    ep_in, ep_out = endpoints(ipc_dir, "in", "out")
+    if variant == "ThreadDevice":  # pyzmq runs zmq.proxy: frames pass as they are
+        dev = module.ThreadDevice(zmq.QUEUE, zmq.ROUTER, zmq.ROUTER)
+    else:  # pyzmq runs monitored_queue: the two identity frames are swapped
+        dev = module.ThreadMonitoredQueue(zmq.ROUTER, zmq.ROUTER)
+        dev.setsockopt_mon(zmq.LINGER, 0)
+    dev.bind_in(ep_in)
+    dev.bind_out(ep_out)
+    no_linger(dev, "in", "out")
+    dev.daemon = True
+    dev.start()
+    client = peers.socket(zmq.DEALER, ep_in, routing_id=b"c")
+    out_peers = {name: peers.socket(zmq.DEALER, ep_out, routing_id=name) for name in (b"c", b"w")}
+    # [b"c", b"w", ...] arrives on the in-socket; the out-socket routes by the first frame
+    addressee, expected = (b"c", [b"w", b"req"])
+    if variant == "ThreadMonitoredQueue":
+        addressee, expected = (b"w", [b"c", b"req"])
+    settle(lambda: client.send_multipart([b"w", b"probe"]), out_peers[addressee])
+    client.send_multipart([b"w", b"req"])
+    assert out_peers[addressee].recv_multipart() == expected
+    assert not any(sock.poll(100) for sock in out_peers.values())
+    peers.close()
+    zmq.Context.instance().term()  # pyzmq's way to end a thread device
+    dev.join(5)
+    assert not dev.launcher.is_alive()
+
+
 @pytest.mark.parametrize(
     "name",
     [
