@@ -729,8 +729,9 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
     Raises:
         zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
         TypeError: a prefix is a str, or a socket is not a zmq socket.
-        ValueError: nothing can be relayed between these socket types.
-        zmq.ZMQError: any other libzmq error.
+        ValueError: nothing can be relayed between these socket types, or a bad
+            drain_timeout or drain_quiet.
+        zmq.ZMQError: ENOTSOCK for a closed socket (as pyzmq), or any other libzmq error.
     """
     cdef Loop L
     cdef int d

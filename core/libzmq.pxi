@@ -293,7 +293,8 @@ cdef inline void *socket_handle(object socket) except NULL:
     except AttributeError:
         raise TypeError(f"expected a zmq.Socket, got {type(socket).__name__}") from None
     if address == 0:
-        raise ValueError("the socket is closed")
+        # what pyzmq raises for a closed socket, and what _Controlled.run expects
+        raise zmq_error_for(ENOTSOCK)
     return <void *>address
 
 

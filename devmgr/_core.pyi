@@ -12,7 +12,7 @@ def proxy(
     in_prefix: bytes = b"in",
     out_prefix: bytes = b"out",
     *,
-    signal_fd: int = -1,
+    signal_fd: int | None = -1,
     drain_timeout: float | None = 1.0,
     drain_quiet: float = 0.1,
     drain_on_signals: bool = True,
@@ -25,20 +25,25 @@ def proxy(
     message is copied to `mon_socket` behind its direction's prefix frame; ROUTER to
     ROUTER swaps the two identity frames (monitored_queue's way) unless `swap_ids` is
     False (zmq.proxy's way, pyzmq's plain devices). `ctrl_socket` takes PAUSE, RESUME,
-    TERMINATE, STATISTICS and PING (CONTRACT 2.1). `signal_fd`: readable -> run Python's signal
-    handlers; with `drain_on_signals` (default), a SIGTERM or SIGINT byte also drains and
-    returns like TERMINATE, unanswered; without it, only the handlers decide.
-    `drain_timeout`: seconds to drain after TERMINATE (None: until done).
-    `drain_quiet`: with both directions relayed, a drain ends only once both have been
-    idle this long (capped by drain_timeout), so replies to forwarded requests get back.
+    TERMINATE, STATISTICS and PING (CONTRACT 2.1), and is served while draining too.
+
+    `signal_fd` (-1 or None: none): readable -> run Python's signal handlers; with
+    `drain_on_signals` (default), a SIGTERM or SIGINT byte also drains and returns like
+    TERMINATE, unanswered; without it, only the handlers decide.
+    `drain_timeout`: seconds a drain may last, whether TERMINATE or a stop signal began
+    it (None: until done). `drain_quiet`: with both directions relayed, a drain ends
+    only once both have been idle this long (capped by drain_timeout), so replies to
+    forwarded requests get back.
 
     Returns None after TERMINATE or a SIGTERM/SIGINT byte, once drained.
 
     Raises:
         zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
         TypeError: a prefix is a str, or a socket is not a zmq socket.
-        ValueError: neither direction can be relayed between these socket types.
-        zmq.ZMQError: any other libzmq error (a closed socket, a wrong socket type).
+        ValueError: neither direction can be relayed between these socket types, or a
+            bad drain_timeout or drain_quiet.
+        zmq.ZMQError: ENOTSOCK for a closed socket (as pyzmq); any other libzmq error
+            (a wrong socket type, say).
         BaseException: whatever a Python signal handler raised.
     """
 

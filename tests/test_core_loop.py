@@ -273,6 +273,23 @@ def test_without_monitor_is_a_plain_proxy(h: Harness) -> None:
     assert loop.returned and loop.error is None
 
 
+@pytest.mark.parametrize("closed", ["in", "out", "mon", "ctrl"])
+def test_a_closed_socket_raises_enotsock_as_pyzmq(h: Harness, closed: str) -> None:
+    sockets = {
+        "in": h.socket(zmq.PULL),
+        "out": h.socket(zmq.PUSH),
+        "mon": h.socket(zmq.PUB),
+        "ctrl": h.socket(zmq.PAIR),
+    }
+    sockets[closed].close()
+    with pytest.raises(zmq.ZMQError) as raised:
+        _core.proxy(sockets["in"], sockets["out"], sockets["mon"], sockets["ctrl"])
+    assert raised.value.errno == zmq.ENOTSOCK
+    with pytest.raises(zmq.ZMQError) as by_pyzmq:  # what pyzmq raises on a closed socket
+        sockets[closed].send(b"x")
+    assert by_pyzmq.value.errno == zmq.ENOTSOCK
+
+
 def test_socket_types_with_nothing_to_relay_are_refused(h: Harness) -> None:
     with pytest.raises(ValueError):
         _core.proxy(h.socket(zmq.PUB), h.socket(zmq.PUSH))  # neither can receive
