@@ -354,6 +354,7 @@ class _SignalWakeup:
             write_end.close()
             return -1
         self._pair = (read_end, write_end)
+        self._previous_fd = previous  # handed back on exit
         if self._drain_on_term:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers.append((signum, signal.signal(signum, _ignore_signal)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -327,6 +328,28 @@ def test_a_foreground_device_keeps_running_when_the_handler_lets_it(
         dev._context.term()
     assert outcome == [b"after the signal"]
     assert handled == [signum]
+
+
+def test_a_process_device_child_hands_back_the_wakeup_fd_it_took_over() -> None:
+    from devmgr._devices import _SignalWakeup
+
+    ours_r, ours_w = socket.socketpair()
+    try:
+        ours_w.setblocking(False)
+        assert signal.set_wakeup_fd(ours_w.fileno()) == -1
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        # a process device's child takes over a wakeup fd inherited from its parent
+        with _SignalWakeup(drain_on_term=True) as loop_fd:
+            assert loop_fd >= 0 and loop_fd != ours_r.fileno()
+            device_w = signal.set_wakeup_fd(ours_w.fileno())  # a peek...
+            signal.set_wakeup_fd(device_w)  # ...undone
+            assert device_w not in (-1, ours_w.fileno())
+        assert signal.set_wakeup_fd(-1) == ours_w.fileno()  # ours again
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+    finally:
+        signal.set_wakeup_fd(-1)
+        ours_r.close()
+        ours_w.close()
 
 
 # --- switching from pyzmq --------------------------------------------------------------
