@@ -121,7 +121,6 @@ cdef struct Loop:
     size_t term_cap
     zmq_msg_t scratch
     uint64_t stats[STAT_COUNT]
-    uint64_t dropped
     int err
 
 
@@ -264,7 +263,6 @@ cdef int advance(Loop *L, Direction *D) noexcept nogil:
                 if rc == EHOSTUNREACH and i == 0:
                     # ROUTER_MANDATORY and no such peer: drop this message, go on.
                     D.dropped = True
-                    L.dropped += 1
                     break
                 L.err = rc
                 return ADV_FAIL
@@ -698,7 +696,9 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       subscriber is at its HWM, a ROUTER_MANDATORY peer that is full) is retried every
       millisecond instead of polled, so a stall costs no CPU to speak of.
     - ROUTER_MANDATORY: a message its ROUTER cannot route (EHOSTUNREACH) is dropped and
-      not counted as sent; it is still copied to the monitor. The loop goes on.
+      not counted as sent; it is still copied to the monitor. The loop goes on. Drops
+      have no counter of their own: they are the messages received on one socket less
+      those sent on the other, less the one message a direction may be holding.
     - Control (`ctrl_socket`, any type; a ROUTER's envelope is answered through): PAUSE
       (stop reading both sockets; a message already read is still delivered), RESUME,
       PING -> PONG, STATISTICS -> 8 native-endian uint64 frames (CONTRACT 2.1),
