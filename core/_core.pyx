@@ -11,6 +11,7 @@ on an optional signal fd. See `proxy` for the rules it keeps.
 from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport ENOMEM, errno
+from libc.limits cimport INT_MAX
 from libc.signal cimport SIGINT, SIGTERM
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -122,6 +123,19 @@ cdef struct Loop:
     zmq_msg_t scratch
     uint64_t stats[STAT_COUNT]
     int err
+
+
+cdef inline int poll_ms(double ms) noexcept nogil:
+    """Turn a wait in milliseconds into zmq_poll's int: never negative, at most INT_MAX.
+
+    A huge (or infinite) drain_timeout must not overflow the conversion; zmq_poll is
+    simply called again once INT_MAX milliseconds (~24.8 days) have passed.
+    """
+    if not ms > 0:
+        return 0
+    if ms >= <double>INT_MAX:
+        return INT_MAX
+    return <int>ms
 
 
 cdef double monotonic() noexcept nogil:
@@ -559,8 +573,7 @@ cdef inline bint runnable(Loop *L, Direction *D) noexcept nogil:
 
 
 cdef int run_loop(Loop *L) except -1 nogil:
-    cdef int d, s, nactive, timeout, rc, e
-    cdef double remaining
+    cdef int d, s, nactive, timeout, rc, e, wait_ms
     cdef Direction *D
     while True:
         if L.terminating and (drain_finished(L) or
@@ -591,17 +604,13 @@ cdef int run_loop(Loop *L) except -1 nogil:
             else:
                 L.items[SLOT_MON].events |= ZMQ_POLLOUT
         if L.terminating and L.idle_since >= 0:
-            remaining = (L.idle_since + L.drain_quiet - monotonic()) * 1000.0 + 1.0
-            if remaining < 0:
-                remaining = 0
-            if timeout < 0 or remaining < timeout:
-                timeout = <int>remaining
+            wait_ms = poll_ms((L.idle_since + L.drain_quiet - monotonic()) * 1000.0 + 1.0)
+            if timeout < 0 or wait_ms < timeout:
+                timeout = wait_ms
         if L.terminating and L.has_deadline:
-            remaining = (L.deadline - monotonic()) * 1000.0 + 1.0
-            if remaining < 0:
-                remaining = 0
-            if timeout < 0 or remaining < timeout:
-                timeout = <int>remaining
+            wait_ms = poll_ms((L.deadline - monotonic()) * 1000.0 + 1.0)
+            if timeout < 0 or wait_ms < timeout:
+                timeout = wait_ms
         # Poll only what is waited on: each socket item costs zmq_poll a syscall or two.
         nactive = 0
         for s in range(SLOT_COUNT):
@@ -714,7 +723,8 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       (a ROUTER/DEALER queue), both must have stayed idle for `drain_quiet` seconds
       (default 0.1), each message read starting that wait over, so that replies to
       requests forwarded just before the stop still get back. Never longer than
-      `drain_timeout` seconds (None: no limit); what is still held then is dropped.
+      `drain_timeout` seconds (None or inf: no limit; any size is fine, waits are
+      clamped to what zmq_poll takes); what is still held then is dropped.
       A peer that keeps sending therefore holds a drain open until drain_timeout. PAUSE
       does not hold a drain: it reads both inputs.
     - `signal_fd` readable: read it out, run Python's signal handlers (raising what they

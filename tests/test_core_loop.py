@@ -458,6 +458,30 @@ def test_terminate_gives_up_on_a_blocked_output_after_drain_timeout(h: Harness) 
     assert loop.returned
 
 
+@pytest.mark.parametrize("drain_timeout", [1e12, float("inf")])
+def test_an_enormous_drain_timeout_drains_until_done(h: Harness, drain_timeout: float) -> None:
+    ins, producer = h.pair(zmq.PULL, zmq.PUSH)
+    outs, consumer = h.pair(zmq.PUSH, zmq.PULL, peer_options={"rcvhwm": 5}, sndhwm=5)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=drain_timeout)
+    for i in range(100):
+        producer.send(b"%d" % i)
+
+    def holding() -> bool:
+        counters = stats(control)
+        return counters["in_msgs_received"] == counters["out_msgs_sent"] + 1 > 5
+
+    wait_until(holding, what="the device to hold a message for its full output")
+    control.send(b"TERMINATE")
+    # the deadline is ~forever away: the loop waits for room, answering meanwhile
+    assert command(control, b"PING") == [b"PONG"]
+    assert loop.thread.is_alive() and not control.poll(100)
+    assert [consumer.recv() for _ in range(100)] == [b"%d" % i for i in range(100)]
+    assert control.poll(5000) and control.recv_multipart() == [b"OK"]
+    loop.join()
+    assert loop.returned
+
+
 def test_router_control_socket_answers_through_the_envelope(h: Harness) -> None:
     ins, _ = h.pair(zmq.PULL, zmq.PUSH)
     outs, _ = h.pair(zmq.PUSH, zmq.PULL)
