@@ -19,6 +19,8 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
 
+import os
+
 include "libzmq.pxi"
 
 _resolve_libzmq()
@@ -727,6 +729,8 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       clamped to what zmq_poll takes); what is still held then is dropped.
       A peer that keeps sending therefore holds a drain open until drain_timeout. PAUSE
       does not hold a drain: it reads both inputs.
+    - `signal_fd` (-1 or None: none) must be non-blocking, like the fd given to
+      signal.set_wakeup_fd (its read end, typically); a blocking one is a ValueError.
     - `signal_fd` readable: read it out, run Python's signal handlers (raising what they
       raise), and, when `drain_on_signals` is true (the default, what a device process
       such as devmgr's child wants), drain and return on a SIGTERM or SIGINT byte. With
@@ -739,8 +743,9 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
     Raises:
         zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
         TypeError: a prefix is a str, or a socket is not a zmq socket.
-        ValueError: nothing can be relayed between these socket types, or a bad
-            drain_timeout or drain_quiet.
+        ValueError: nothing can be relayed between these socket types, a bad
+            drain_timeout or drain_quiet, or a blocking signal_fd.
+        OSError: signal_fd is not an open file descriptor.
         zmq.ZMQError: ENOTSOCK for a closed socket (as pyzmq), or any other libzmq error.
     """
     cdef Loop L
@@ -763,6 +768,13 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
             L.ctrl = socket_handle(ctrl_socket)
             L.ctrl_is_router = ctrl_socket.type == ZMQ_ROUTER
         L.signal_fd = -1 if signal_fd is None else int(signal_fd)
+        if L.signal_fd >= 0 and os.get_blocking(L.signal_fd):
+            # the loop reads it out until EAGAIN, without the GIL: a blocking fd would
+            # hang the device (signal.set_wakeup_fd refuses one for the same reason)
+            raise ValueError(
+                f"signal_fd {L.signal_fd} must be non-blocking "
+                "(os.set_blocking(fd, False), or sock.setblocking(False) for a socketpair)"
+            )
         L.drain_on_signals = bool(drain_on_signals)
         L.drain_quiet = float(drain_quiet)
         if not L.drain_quiet >= 0:

@@ -27,11 +27,12 @@ def proxy(
     False (zmq.proxy's way, pyzmq's plain devices). `ctrl_socket` takes PAUSE, RESUME,
     TERMINATE, STATISTICS and PING (CONTRACT 2.1), and is served while draining too.
 
-    `signal_fd` (-1 or None: none): readable -> run Python's signal handlers; with
-    `drain_on_signals` (default), a SIGTERM or SIGINT byte also drains and returns like
-    TERMINATE, unanswered; without it, only the handlers decide.
+    `signal_fd` (-1 or None: none; non-blocking, like the fd given to set_wakeup_fd):
+    readable -> run Python's signal handlers; with `drain_on_signals` (default), a
+    SIGTERM or SIGINT byte also drains and returns like TERMINATE, unanswered; without
+    it, only the handlers decide.
     `drain_timeout`: seconds a drain may last, whether TERMINATE or a stop signal began
-    it (None: until done). `drain_quiet`: with both directions relayed, a drain ends
+    it (None or inf: until done). `drain_quiet`: with both directions relayed, a drain ends
     only once both have been idle this long (capped by drain_timeout), so replies to
     forwarded requests get back.
 
@@ -40,8 +41,9 @@ def proxy(
     Raises:
         zmq.ContextTerminated: a socket's context was terminated (as pyzmq's loops).
         TypeError: a prefix is a str, or a socket is not a zmq socket.
-        ValueError: neither direction can be relayed between these socket types, or a
-            bad drain_timeout or drain_quiet.
+        ValueError: neither direction can be relayed between these socket types, a bad
+            drain_timeout or drain_quiet, or a blocking signal_fd.
+        OSError: signal_fd is not an open file descriptor.
         zmq.ZMQError: ENOTSOCK for a closed socket (as pyzmq); any other libzmq error
             (a wrong socket type, say).
         BaseException: whatever a Python signal handler raised.

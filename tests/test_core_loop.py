@@ -944,6 +944,22 @@ def test_signals_during_heavy_traffic(ipc_dir: Any, stop_signal: str, expected_s
             device.join()
 
 
+def test_a_blocking_signal_fd_is_refused(h: Harness) -> None:
+    import socket
+
+    ins, _ = h.pair(zmq.PULL, zmq.PUSH)
+    outs, _ = h.pair(zmq.PUSH, zmq.PULL)
+    read_end, write_end = socket.socketpair()  # blocking, as sockets are by default
+    try:
+        loop = h.run(_core.proxy, ins, outs, signal_fd=read_end.fileno())
+        loop.join()  # refused at once, not left to hang the loop in read()
+        assert isinstance(loop.error, ValueError), loop.error
+        assert "non-blocking" in str(loop.error)
+    finally:
+        read_end.close()
+        write_end.close()
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_context_termination_raises_context_terminated_as_pyzmq(impl: str) -> None:
     ctx: zmq.Context[Socket] = zmq.Context()
