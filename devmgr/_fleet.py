@@ -104,7 +104,7 @@ class Device:
         self.waiters: list[tuple[Callable[[Device], bool], Callable[[], None]]] = []
         self.ops: deque[Callable[[Callable[[], None]], None]] = deque()
         self.op_running = False
-        self.message: str | None = None  # last start failure, for status
+        # the child's report of its last start failure: where, endpoint, errno, message
         self.failure: dict[str, Any] | None = None
         self.removed = False
         self.endpoints = spec.endpoints()  # the spec is frozen: compute once
@@ -114,6 +114,12 @@ class Device:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def message(self) -> str | None:
+        """The last start failure, for status."""
+        message = (self.failure or {}).get("message")
+        return None if message is None else str(message)
 
     def cancel_timer(self, key: str) -> None:
         timer = self.timers.pop(key, None)
@@ -412,7 +418,6 @@ class Fleet:
         self._by_ident[dev.ident] = dev
         dev.awaiting_ready = True
         dev.failure = None
-        dev.message = None
         dev.stats = dict(_ZERO_STATS)
         plan = device_plan(dev.spec, self.stop_timeout)
         proc = DeviceProcess(
@@ -426,7 +431,6 @@ class Fleet:
             log.error("could not spawn %s: %s", dev.name, exc)
             self._close_ctrl(dev)
             dev.failure = {"message": str(exc)}
-            dev.message = str(exc)
             self._act(dev, dev.sup.spawn_failed(str(exc)))
             return
         dev.proc = proc
@@ -505,7 +509,6 @@ class Fleet:
             except ValueError:
                 dev.failure = {"message": frames[1].decode(errors="replace")}
             message = str((dev.failure or {}).get("message"))
-            dev.message = message
             log.error("%s failed to start: %s", dev.name, message)
             dev.sup.start_failed(message)
 
