@@ -7,7 +7,7 @@ generator and the sink are never what the benchmark measures.
 """
 
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport malloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -190,3 +190,180 @@ def drain(socket, stop_socket=None, uint64_t count=0, double timeout=30.0):
     """
     cdef void* stop = socket_handle(stop_socket) if stop_socket is not None else NULL
     return _drain(socket_handle(socket), stop, count, timeout)
+
+
+# --- round-trip latency: `devmgr bench --latency` -------------------------------------
+
+cdef extern from "<time.h>" nogil:
+    int clock_nanosleep(int clockid, int flags, const timespec* request, timespec* remain)
+    enum:
+        TIMER_ABSTIME
+
+cdef enum:
+    # frames kept per echoed message; a longer message is dropped (and counted)
+    _MAX_FRAMES = 16
+
+
+cdef inline void _sleep_until(int64_t when) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = when // 1000000000
+    ts.tv_nsec = when % 1000000000
+    while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR:
+        pass
+
+
+cdef inline bint _readable(void* sock) noexcept nogil:
+    cdef zmq_pollitem_t item
+    item.socket = sock
+    item.fd = 0
+    item.events = ZMQ_POLLIN
+    item.revents = 0
+    return zmq_poll(&item, 1, 0) > 0 and (item.revents & ZMQ_POLLIN) != 0
+
+
+def echo(socket, stop_socket, int drop=-1, double timeout=60.0):
+    """Send every message received on `socket` back on it, frames and all.
+
+    A message whose last frame starts with the byte `drop` is dropped instead: that is
+    the opposite stream of `bench --latency`, which must reach the worker but not come
+    back. Runs until `stop_socket` is readable or `timeout` seconds pass without a
+    message; returns (echoed, dropped).
+    """
+    cdef void* sock = socket_handle(socket)
+    cdef void* stop = socket_handle(stop_socket)
+    cdef zmq_msg_t frames[_MAX_FRAMES]
+    cdef int n, i, rc
+    cdef uint64_t echoed = 0, dropped = 0
+    cdef int64_t idle = <int64_t>(timeout * 1e9)
+    cdef bint keep, failed = False
+    for i in range(_MAX_FRAMES):
+        zmq_msg_init(&frames[i])
+    with nogil:
+        while not failed:
+            rc = zmq_msg_recv(&frames[0], sock, ZMQ_DONTWAIT)
+            if rc < 0:
+                if zmq_errno() == EINTR:
+                    continue
+                if zmq_errno() != EAGAIN or _wait_in(sock, stop, _now_ns() + idle) != 1:
+                    break
+                continue
+            n = 1
+            keep = True
+            while zmq_msg_more(&frames[n - 1]):
+                if n == _MAX_FRAMES:
+                    keep = False
+                    n -= 1  # read the rest into the last frame, then drop the message
+                rc = zmq_msg_recv(&frames[n], sock, 0)
+                if rc < 0:
+                    if zmq_errno() == EINTR:
+                        continue
+                    failed = True
+                    break
+                n += 1
+            if failed:
+                break
+            if keep and drop >= 0 and zmq_msg_size(&frames[n - 1]) > 0:
+                keep = (<unsigned char*>zmq_msg_data(&frames[n - 1]))[0] != drop
+            if not keep:
+                dropped += 1
+                continue
+            for i in range(n):
+                while zmq_msg_send(&frames[i], sock, ZMQ_SNDMORE if i < n - 1 else 0) < 0:
+                    if zmq_errno() != EINTR:
+                        failed = True
+                        break
+                if failed:
+                    break
+            echoed += 1
+    for i in range(_MAX_FRAMES):
+        zmq_msg_close(&frames[i])
+    return echoed, dropped
+
+
+def ping(socket, uint64_t count, size_t size, int64_t interval_ns, double timeout=5.0):
+    """Send `count` requests one at a time, paced, and time each one's round trip.
+
+    Request i is sent at the start of its slot, `start + i * interval_ns` (at once when
+    the previous reply came back after that), and its reply is awaited before the next.
+    A request is `size` bytes (at least 1) starting with b"R". Returns the round-trip
+    times in nanoseconds as native int64 bytes; fewer than `count` when a reply takes
+    longer than `timeout` seconds or is not the request sent.
+    """
+    cdef void* sock = socket_handle(socket)
+    cdef size_t length = size if size > 0 else 1
+    cdef char* request = <char*>malloc(length)
+    cdef int64_t* rtts = <int64_t*>malloc((count if count > 0 else 1) * sizeof(int64_t))
+    cdef uint64_t done = 0, nbytes
+    cdef int64_t start, slot, sent_at, deadline, limit = <int64_t>(timeout * 1e9)
+    cdef int rc
+    cdef zmq_msg_t reply
+    if request == NULL or rtts == NULL:
+        free(request)
+        free(rtts)
+        raise MemoryError()
+    memset(request, 0x72, length)
+    request[0] = 0x52
+    zmq_msg_init(&reply)
+    try:
+        with nogil:
+            start = _now_ns()
+            while done < count:
+                slot = start + <int64_t>done * interval_ns
+                if _now_ns() < slot:
+                    _sleep_until(slot)
+                sent_at = _now_ns()
+                rc = zmq_send(sock, request, length, 0)
+                if rc < 0:
+                    if zmq_errno() == EINTR:
+                        continue
+                    break
+                deadline = sent_at + limit
+                nbytes = 0
+                rc = _receive(sock, &reply, &nbytes)
+                while rc == 0:
+                    if _wait_in(sock, NULL, deadline) != 1:
+                        rc = -1
+                        break
+                    rc = _receive(sock, &reply, &nbytes)
+                if rc != 1:
+                    break
+                rtts[done] = _now_ns() - sent_at
+                if nbytes != length or (<char*>zmq_msg_data(&reply))[0] != 0x52:
+                    break
+                done += 1
+        return (<char*>rtts)[:done * sizeof(int64_t)]
+    finally:
+        zmq_msg_close(&reply)
+        free(request)
+        free(rtts)
+
+
+def stream(socket, stop_socket, uint64_t burst, int64_t period_ns, size_t size):
+    """Send bursts of `burst` messages every `period_ns` until `stop_socket` is readable.
+
+    The opposite stream of `bench --latency`: a burst never waits at the HWM (what does
+    not fit is skipped), so the stream's rate is at most burst / period. The payload is
+    the shared b"a" buffer. Returns (sent, skipped).
+    """
+    cdef void* sock = socket_handle(socket)
+    cdef void* stop = socket_handle(stop_socket)
+    cdef const char* payload = _payload_of(size)
+    cdef uint64_t sent = 0, skipped = 0, i
+    cdef int64_t tick
+    cdef int rc
+    with nogil:
+        tick = _now_ns()
+        while not _readable(stop):
+            for i in range(burst):
+                rc = zmq_send_const(sock, payload, size, ZMQ_DONTWAIT)
+                if rc >= 0:
+                    sent += 1
+                elif zmq_errno() == EAGAIN:
+                    skipped += burst - i
+                    break
+                elif zmq_errno() != EINTR:
+                    break
+            tick += period_ns
+            if _now_ns() < tick:
+                _sleep_until(tick)
+    return sent, skipped

@@ -509,6 +509,10 @@ def _contender_list(text: str) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Run `devmgr bench`; return 0 when every run produced a rate, 1 otherwise."""
+    if getattr(args, "latency", False):
+        from devmgr import _latency
+
+        return _latency.main(args, ",".join(CONTENDERS))
     try:
         contenders = _contender_list(args.contenders)
     except ValueError as exc:

@@ -84,6 +84,43 @@ class _OnlySubparsers:
         return _Skipped()
 
 
+def _bench_opts(p: argparse.ArgumentParser) -> None:
+    """Add the options of `devmgr bench` (throughput, and round trips with --latency)."""
+    p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes")
+    p.add_argument("--count", type=int, default=500_000, help="messages per run")
+    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
+    p.add_argument("--repeat", type=int, default=5, help="runs per contender (alternating)")
+    p.add_argument(
+        "--contenders",
+        default="devmgr,zmq_proxy,pyzmq_monitored_queue",
+        help="comma-separated list of contenders",
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--pin", action="store_true", help="pin the device to one CPU and the load to another"
+    )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure round-trip latency instead (one paced request in flight, ROUTER/DEALER "
+        "device, echo worker; uses the first --size)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=5000, help="with --latency: requests per run (5000)"
+    )
+    p.add_argument(
+        "--rate", type=float, default=2000.0, help="with --latency: requests per second (2000)"
+    )
+    p.add_argument(
+        "--opposite-stream",
+        type=int,
+        default=200_000,
+        metavar="MSGS_PER_S",
+        help="with --latency: also run each contender with a stream of this many msg/s the "
+        "other way, in bursts of 1000 (200000; 0: off)",
+    )
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Return the parser for every devmgr subcommand (CONTRACT 6), or just for `only`.
 
@@ -160,19 +197,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--name", default="devmgr", help="base name of the certificate files")
 
     p = sub.add_parser("bench", help="throughput of devmgr's loop beside libzmq's proxy")
-    p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes")
-    p.add_argument("--count", type=int, default=500_000, help="messages per run")
-    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
-    p.add_argument("--repeat", type=int, default=5, help="runs per contender (alternating)")
-    p.add_argument(
-        "--contenders",
-        default="devmgr,zmq_proxy,pyzmq_monitored_queue",
-        help="comma-separated list of contenders",
-    )
-    p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--pin", action="store_true", help="pin the device to one CPU and the load to another"
-    )
+    _bench_opts(p)
     _config_opt(p)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from devmgr import _loadgen
+from devmgr import _latency, _loadgen
 from devmgr._bench import CONTENDERS
 
 
@@ -166,3 +167,106 @@ def test_bench_rejects_an_unknown_contender() -> None:
     proc = _run_bench("--count", "3000", "--contenders", "zmq_proxy,nginx")
     assert proc.returncode == 2
     assert "nginx" in proc.stderr
+
+
+# --- `devmgr bench --latency` and its C loops ------------------------------------------
+
+
+def test_echo_returns_requests_frame_for_frame_and_drops_the_stream(ipc_dir: Path) -> None:
+    ctx = zmq.Context.instance()
+    worker, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    stop_tx, stop_rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    for sock in (worker, client, stop_tx, stop_rx):
+        sock.linger = 0
+    worker.bind(f"ipc://{ipc_dir}/echo")
+    client.connect(f"ipc://{ipc_dir}/echo")
+    stop_rx.bind("inproc://echo-stop")
+    stop_tx.connect("inproc://echo-stop")
+    thread, out = _in_thread(_loadgen.echo, worker, stop_rx, 0x61, 30.0)
+    client.send_multipart([b"id", b"", b"aaa"])  # the opposite stream: dropped
+    client.send_multipart([b"id", b"", b"R-1"])
+    client.send(b"")  # an empty last frame is echoed, not dropped
+    client.send_multipart([b"x"] * 20 + [b"R"])  # more frames than the loop keeps: dropped
+    client.send(b"R-2")
+    assert client.poll(5000)
+    assert client.recv_multipart() == [b"id", b"", b"R-1"]
+    assert client.recv_multipart() == [b""]
+    assert client.recv_multipart() == [b"R-2"]
+    stop_tx.send(b"")
+    thread.join(10.0)
+    assert not thread.is_alive(), "echo did not notice the stop socket"
+    assert out["result"] == (3, 2)
+    for sock in (worker, client, stop_tx, stop_rx):
+        sock.close()
+
+
+def test_ping_times_each_round_trip_and_stops_at_a_wrong_reply(ipc_dir: Path) -> None:
+    ctx = zmq.Context.instance()
+    worker, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock in (worker, client):
+        sock.linger = 0
+    worker.bind(f"ipc://{ipc_dir}/ping")
+    client.connect(f"ipc://{ipc_dir}/ping")
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        for n in range(4):
+            assert worker.poll(10_000)
+            request = worker.recv()
+            seen.append(request)
+            worker.send(request if n < 3 else b"not the request")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    # 1 ms slots: 3 good replies, then a wrong one ends the run
+    raw = _loadgen.ping(client, 10, 8, 1_000_000, 5.0)
+    thread.join(10.0)
+    rtts = array.array("q")
+    rtts.frombytes(raw)
+    assert len(rtts) == 3
+    assert all(0 < rtt < 5e9 for rtt in rtts)
+    assert seen == [b"R" + b"r" * 7] * 4
+    for sock in (worker, client):
+        sock.close()
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 1001))
+    assert _latency.percentile(values, 0.5) == 500
+    assert _latency.percentile(values, 0.99) == 990
+    assert _latency.percentile(values, 0.999) == 999
+    assert _latency.percentile([7], 0.999) == 7
+
+
+def test_bench_latency_reports_every_contender_with_and_without_the_stream() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "devmgr", "bench", "--latency", "--json", "--repeat", "1",
+            "--requests", "200", "--rate", "2000", "--opposite-stream", "20000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["setup"]["contenders"] == list(_latency.CONTENDERS)
+    assert [(b["transport"], b["opposite_stream"]) for b in report["results"]] == [
+        ("ipc", 0),
+        ("ipc", 20000),
+    ]
+    for block in report["results"]:
+        expected = set(_latency.CONTENDERS) - ({"no_device"} if block["opposite_stream"] else set())
+        assert set(block["contenders"]) == expected
+        for name, row in block["contenders"].items():
+            assert row["errors"] == [], (name, row["errors"])
+            assert row["requests"] == 200, name
+            assert 0 < row["p50_us"] <= row["p99_us"] <= row["p99.9_us"], name
+            assert row[f"p50_ratio_to_{_latency.BASELINE}"] > 0, name
+
+
+def test_bench_latency_rejects_an_unknown_contender() -> None:
+    proc = _run_bench("--latency", "--contenders", "devmgr,haproxy")
+    assert proc.returncode == 2
+    assert "haproxy" in proc.stderr
