@@ -1,8 +1,11 @@
-"""ruff (lint and format) and mypy --strict over the package, as configured in pyproject."""
+"""ruff (lint and format) and mypy --strict over the package, as configured in pyproject.
+
+Both are test extras: they run through this interpreter (`sys.executable -m`), so a
+missing tool is a failure, never a skip.
+"""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +15,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_ruff_lint() -> None:
     result = _run("ruff", "check", "devmgr", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_ruff_format() -> None:
     result = _run("ruff", "format", "--check", "devmgr", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -30,6 +38,5 @@ def test_ruff_format() -> None:
 
 @pytest.mark.timeout(300)
 def test_mypy_strict() -> None:
-    pytest.importorskip("mypy")
-    result = _run(sys.executable, "-m", "mypy")
+    result = _run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -18,14 +18,6 @@ from devmgr._notify import SdNotify
 
 from conftest import wait_until
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _manager_speaks_notify() -> bool:
-    """Return True once the lead has wired SdNotify into the manager."""
-    sources = [REPO / "devmgr" / "_manager.py", REPO / "devmgr" / "_run.py"]
-    return any("SdNotify" in p.read_text() for p in sources if p.exists())
-
 
 @pytest.fixture
 def systemd_socket(ipc_dir: Path) -> Iterator[tuple[socket.socket, str]]:
@@ -156,7 +148,6 @@ def test_reads_the_process_environment(
 # ---- a real manager under a stand-in systemd ------------------------------------------------
 
 
-@pytest.mark.skipif(not _manager_speaks_notify(), reason="SdNotify not wired into the manager yet")
 def test_manager_notifies_ready_watchdog_and_stopping(
     systemd_socket: tuple[socket.socket, str], ipc_dir: Path
 ) -> None:
@@ -234,7 +225,6 @@ out = {{ type = "PUSH", bind = ["ipc://{ipc_dir}/out"] }}
             proc.stderr.close()
 
 
-@pytest.mark.skipif(not _manager_speaks_notify(), reason="SdNotify not wired into the manager yet")
 def test_manager_without_notify_socket_runs_as_before(ipc_dir: Path) -> None:
     # No NOTIFY_SOCKET (a terminal, a container): nothing is sent, nothing breaks.
     from devmgr import Manager
