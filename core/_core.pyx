@@ -645,6 +645,21 @@ cdef int run_loop(Loop *L) except -1 nogil:
     return 0
 
 
+# --- routing ids ---------------------------------------------------------------------
+
+def seed_routing_ids():
+    """Seed libc's rand(), from which libzmq draws a new ROUTER's peer routing ids.
+
+    libzmq (4.3.5, the copy pyzmq's wheels bundle) starts each ROUTER's automatic peer
+    ids at a value from libc's rand() and never seeds it, so every fresh process hands
+    its first peer the same id (0x006b8b4567 with glibc). Seeding from os.urandom, in
+    the very libc libzmq calls, gives each process ids of its own. Call it before the
+    first ROUTER socket (a REP included) of the process exists; it changes what libc's
+    rand() returns for the whole process.
+    """
+    libzmq_srand(<unsigned int>int.from_bytes(os.urandom(4), "little"))
+
+
 # --- set-up and the Python entry point -----------------------------------------------
 
 cdef int init_prefix(zmq_msg_t *msg, object prefix, str name) except -1:

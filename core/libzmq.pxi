@@ -134,6 +134,8 @@ ctypedef int (*zmq_getsockopt_fn)(
     void *socket, int option, void *optval, size_t *optvallen) noexcept nogil
 ctypedef int (*zmq_setsockopt_fn)(
     void *socket, int option, const void *optval, size_t optvallen) noexcept nogil
+# libc's srand, as libzmq's own rand() calls resolve it (see _resolve_libzmq_srand).
+ctypedef void (*srand_fn)(unsigned int seed) noexcept nogil
 
 cdef zmq_version_fn zmq_version = NULL
 cdef zmq_errno_fn zmq_errno = NULL
@@ -154,6 +156,7 @@ cdef zmq_recv_fn zmq_recv = NULL
 cdef zmq_poll_fn zmq_poll = NULL
 cdef zmq_getsockopt_fn zmq_getsockopt = NULL
 cdef zmq_setsockopt_fn zmq_setsockopt = NULL
+cdef srand_fn libzmq_srand = NULL
 
 
 cdef str _object_file(void *address):
@@ -263,6 +266,30 @@ cdef int _resolve_libzmq() except -1:
             "devmgr could not find these libzmq functions through pyzmq's backend "
             f"{path.decode()!r}: {', '.join(missing)}"
         )
+    _resolve_libzmq_srand()
+    return 0
+
+
+cdef int _resolve_libzmq_srand() except -1:
+    """Find the srand() that seeds the rand() libzmq draws ROUTER peer ids from.
+
+    The lookup goes through a handle on libzmq's own file (the one found above), so it
+    searches libzmq and then its dependencies: the libc its rand() calls are bound to,
+    whatever copy of libzmq pyzmq bundles.
+    """
+    global libzmq_srand
+    cdef Dl_info info
+    cdef void *handle
+    if dladdr(<const void *>zmq_msg_recv, &info) == 0 or info.dli_fname == NULL:
+        raise ImportError("devmgr could not name the file of pyzmq's libzmq (dladdr)")
+    handle = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD)
+    if handle == NULL:
+        raise ImportError(
+            f"devmgr could not get a handle on libzmq {info.dli_fname.decode()!r}")
+    libzmq_srand = <srand_fn>dlsym(handle, b"srand")
+    if libzmq_srand == NULL:
+        raise ImportError(
+            f"devmgr could not find srand() from libzmq {info.dli_fname.decode()!r}")
     return 0
 
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         ThreadDevice,
         ThreadMonitoredQueue,
         monitored_queue,
+        seed_routing_ids,
     )
     from devmgr._manager import Manager
     from devmgr._spec import (
@@ -69,6 +70,7 @@ _LAZY: dict[str, str] = {
     "Device": "devmgr._devices",
     "ThreadDevice": "devmgr._devices",
     "ProcessDevice": "devmgr._devices",
+    "seed_routing_ids": "devmgr._devices",
     "DeviceSpec": "devmgr._spec",
     "SocketSpec": "devmgr._spec",
     "RestartSpec": "devmgr._spec",
@@ -105,6 +107,7 @@ __all__ = [
     "__version__",
     "load_config",
     "monitored_queue",
+    "seed_routing_ids",
 ]
 
 

@@ -127,6 +127,10 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
     """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
     _die_with_parent(expected_parent)
     _drop_forkserver_fds()
+    # Before any socket exists: every child forked from the forkserver would otherwise
+    # hand its first ROUTER peer the same routing id as the last incarnation did, and a
+    # reply a worker still holds for the old process's client would reach a new one.
+    _core.seed_routing_ids()
     # Ctrl-C and a terminal's hang-up reach the whole process group; the manager decides
     # and drains us through the control socket, so the device ignores SIGINT and SIGHUP.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

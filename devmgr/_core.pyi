@@ -49,6 +49,10 @@ def proxy(
         BaseException: whatever a Python signal handler raised.
     """
 
+def seed_routing_ids() -> None:
+    """Seed libc's rand() (as libzmq calls it) from os.urandom: a new ROUTER's peer ids
+    start at a value of its own instead of glibc's unseeded 0x006b8b4567."""
+
 def libzmq_path() -> str | None:
     """Return the file of the libzmq whose functions the loop calls."""
 

@@ -37,6 +37,7 @@ __all__ = [
     "ThreadMonitoredQueue",
     "monitored_queue",
     "parse_stats",
+    "seed_routing_ids",
 ]
 
 #: The STATISTICS reply's 8 counters (CONTRACT 2.1), in frame order.
@@ -88,6 +89,25 @@ def monitored_queue(  # noqa: PLR0917  (pyzmq's positional signature)
         zmq.ContextTerminated: the sockets' context was terminated.
     """
     _core.proxy(in_socket, out_socket, mon_socket, ctrl_socket, in_prefix, out_prefix)
+
+
+def seed_routing_ids() -> None:
+    """Seed libc's rand() from os.urandom, so this process's ROUTER peer ids are its own.
+
+    libzmq (4.3.5, the copy pyzmq's wheels bundle) starts a new ROUTER's automatic peer
+    routing ids at a value drawn from libc's rand(), which it never seeds: every fresh
+    process gives its first peer the same id (0x006b8b4567 with glibc), its second the
+    next, and so on. When a process that serves ROUTER (or REP) sockets restarts while its
+    peers live on, a reply a connecting worker still holds for the old process's client
+    is delivered to whichever client now has that id. devmgr seeds every device process
+    it starts (the manager's devices, ProcessMonitoredQueue, ProcessDevice); an in-process
+    device (ThreadMonitoredQueue, monitored_queue, ...) runs in your process, so call this
+    once yourself, before the process makes its first socket, when that process is
+    restarted while its peers stay up. It reseeds libc's rand() for the whole process
+    (through the libc that pyzmq's libzmq calls), so skip it if something there relies on
+    rand()'s default sequence.
+    """
+    _core.seed_routing_ids()
 
 
 def _check_prefix(name: str, value: object) -> None:
@@ -390,6 +410,9 @@ class _ProcessLaunch(_Controlled):
 
     def _child_main(self) -> None:
         self._in_child = True
+        # before the device's first socket: a forked child would otherwise repeat the
+        # parent's rand() sequence, and a fresh one glibc's default (seed_routing_ids)
+        seed_routing_ids()
         self.run()
 
     def join(self, timeout: float | None = None) -> None:
