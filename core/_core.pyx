@@ -117,6 +117,7 @@ cdef struct Loop:
     bint two_way        # both directions relayed: a drain waits for a quiet period
     double drain_quiet  # seconds both directions must stay idle before a drain ends
     double idle_since   # when both directions became idle while draining, or -1
+    uint64_t reads_seen # messages read (both sockets) when idle_since was last set
     FrameBuf ctrlbuf    # the control request being answered
     FrameBuf termbuf    # envelopes of the TERMINATE requests to answer at the end, in a row
     size_t *term_env    # frames of each of those envelopes (0 for a non-ROUTER socket)
@@ -542,9 +543,14 @@ cdef bint drain_finished(Loop *L) noexcept nogil:
     directions relayed, one idle moment is not enough: a reply to a request forwarded a
     moment ago is still on its way back. So both must stay idle for `drain_quiet`
     seconds; any message read starts the quiet period over. drain_timeout caps it all.
+
+    A pass of the loop that reads messages also ends with the read that gives EAGAIN,
+    so this check, made between passes, never sees a direction busy: it tells a read by
+    the message counters having moved since the quiet period began.
     """
     cdef int d
     cdef double now
+    cdef uint64_t reads
     for d in range(2):
         if L.dirs[d].enabled and not (L.dirs[d].drained and L.dirs[d].stage == STAGE_RECV):
             L.idle_since = -1.0
@@ -552,8 +558,10 @@ cdef bint drain_finished(Loop *L) noexcept nogil:
     if not L.two_way:
         return True
     now = monotonic()
-    if L.idle_since < 0:
+    reads = L.stats[STAT_IN_RECEIVED] + L.stats[STAT_OUT_RECEIVED]
+    if L.idle_since < 0 or reads != L.reads_seen:
         L.idle_since = now
+        L.reads_seen = reads
     return now - L.idle_since >= L.drain_quiet
 
 

@@ -50,6 +50,7 @@ class DevicePlan:
     in_prefix: bytes = b"in"
     out_prefix: bytes = b"out"
     drain_timeout: float = 1.0
+    drain_quiet: float = 0.1
     linger_ms: int = 1000
 
 
@@ -183,6 +184,7 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
             plan.out_prefix,
             signal_fd=wake_r.fileno(),
             drain_timeout=plan.drain_timeout,
+            drain_quiet=plan.drain_quiet,
         )
     except BaseException:
         # the manager logs our stderr: a traceback here is the device's own last words

@@ -142,6 +142,10 @@ class _Controlled:
 
     #: Seconds the loop spends draining after TERMINATE or SIGTERM before it returns.
     drain_timeout: float = 1.0
+    #: Seconds both directions of a two-way device must stay idle before a drain ends
+    #: (any message read starts it over), so replies to requests in flight get back.
+    #: Raise it above the slowest server's reply time; drain_timeout still caps it.
+    drain_quiet: float = 0.1
     #: Milliseconds a process device lets queued messages reach peers before it exits
     #: (used for sockets without a LINGER of their own, so that a child always ends).
     linger: int = 1000
@@ -213,6 +217,7 @@ class _Controlled:
                 out_prefix,
                 signal_fd=wakeup_fd,
                 drain_timeout=self.drain_timeout,
+                drain_quiet=self.drain_quiet,
                 # A process device drains on SIGTERM/SIGINT (its handlers are no-ops); in
                 # the user's own thread the user's handlers decide, as with pyzmq.
                 drain_on_signals=self._in_child,

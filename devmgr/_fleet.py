@@ -35,7 +35,7 @@ from devmgr._errors import ControlError, DevmgrError
 from devmgr._loop import EventLoop, Timer
 from devmgr._procstat import ProcSampler
 from devmgr._spawn import DeviceProcess
-from devmgr._spec import DeviceSpec, SocketSpec
+from devmgr._spec import DEFAULT_DRAIN_QUIET, DeviceSpec, SocketSpec, drain_budget
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
 
 log = logging.getLogger("devmgr")
@@ -68,8 +68,12 @@ def _socket_plan(spec: SocketSpec) -> _child.SocketPlan:
 def device_plan(spec: DeviceSpec, stop_timeout: float) -> _child.DevicePlan:
     """Translate a validated spec into the plain values a child builds its sockets from."""
     # The drain and the linger of the child's sockets share the stop budget, so a device
-    # asked to stop is gone before the manager's SIGKILL at stop_timeout.
-    drain = max(0.05, min(1.0, stop_timeout * 0.4))
+    # asked to stop is gone before the manager's SIGKILL at stop_timeout. A longer quiet
+    # period gets a drain long enough to wait it out after the last reply, within half of
+    # stop_timeout (validated: drain_quiet is shorter than that).
+    linger = max(0.05, min(1.0, stop_timeout * 0.4))
+    quiet = DEFAULT_DRAIN_QUIET if spec.drain_quiet is None else spec.drain_quiet
+    drain = max(linger, min(quiet + 0.5, drain_budget(stop_timeout)))
     return _child.DevicePlan(
         name=spec.name,
         in_=_socket_plan(spec.in_),
@@ -78,7 +82,8 @@ def device_plan(spec: DeviceSpec, stop_timeout: float) -> _child.DevicePlan:
         in_prefix=spec.in_prefix.encode(),
         out_prefix=spec.out_prefix.encode(),
         drain_timeout=drain,
-        linger_ms=int(drain * 1000),
+        drain_quiet=quiet,
+        linger_ms=int(linger * 1000),
     )
 
 

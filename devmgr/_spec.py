@@ -863,6 +863,15 @@ class DeviceSpec(BaseModel):
     autostart: StrictBool = Field(default=True, description="start with the manager")
     restart: RestartSpec = Field(default_factory=RestartSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
+    drain_quiet: Seconds | None = Field(
+        default=None,
+        description=(
+            "seconds both directions of a two-way device (a ROUTER/DEALER queue) must stay "
+            "idle before a stop's drain ends, any message read starting it over; 0.1 "
+            "when unset; less than half of manager.stop_timeout. Raise it above your "
+            "slowest server's reply time so replies to requests in flight get back"
+        ),
+    )
 
     _kind = field_validator("kind", mode="before")(_choice_before(KINDS, "device kind"))
 
@@ -1103,6 +1112,35 @@ def config_conflicts(
     return find_bind_conflicts(binds)
 
 
+#: The quiet period of a drain when a device does not set drain_quiet (seconds).
+DEFAULT_DRAIN_QUIET = 0.1
+
+
+def drain_budget(stop_timeout: float) -> float:
+    """The longest a device's drain may take: half of stop_timeout.
+
+    The rest is for the linger of its sockets (at most 0.4 x stop_timeout), so a device
+    asked to stop is gone before the manager's SIGKILL at stop_timeout.
+    """
+    return stop_timeout * 0.5
+
+
+def drain_budget_issues(manager: ManagerSettings, devices: Mapping[str, DeviceSpec]) -> list[Issue]:
+    """A drain_quiet that a drain could not wait out before its stop_timeout ends it."""
+    budget = drain_budget(manager.stop_timeout)
+    return [
+        (
+            ("devices", key, "drain_quiet"),
+            f"{spec.drain_quiet:g} s does not fit in manager.stop_timeout "
+            f"({manager.stop_timeout:g} s): a drain may last half of it ({budget:g} s), "
+            "so the quiet period must be shorter than that; raise stop_timeout or lower "
+            "drain_quiet",
+        )
+        for key, spec in devices.items()
+        if spec.drain_quiet is not None and spec.drain_quiet >= budget
+    ]
+
+
 class ManagerConfig(BaseModel):
     """A whole config: the manager's settings and its devices by name."""
 
@@ -1138,6 +1176,7 @@ class ManagerConfig(BaseModel):
             if spec.name != key
         ]
         issues.extend(config_conflicts(self.manager, self.devices))
+        issues.extend(drain_budget_issues(self.manager, self.devices))
         if issues:
             raise _fail(issues)
         return self

@@ -438,6 +438,77 @@ def test_a_two_way_drain_ends_after_its_quiet_period(h: Harness) -> None:
     assert 0.2 <= time.monotonic() - started < 2.0
 
 
+def test_a_request_read_while_draining_starts_the_quiet_period_over(h: Harness) -> None:
+    """The drain reads a late request; the quiet period must wait for its reply too.
+
+    Quiet period 0.6 s: a request comes in 0.3 s into it and its server takes 0.4 s, so
+    the reply comes 0.7 s after the drain began. A quiet timer that any read starts over
+    waits for it (and ends 0.6 s after it); one that started at the first idle moment and
+    never restarted ends at 0.6 s and loses it.
+    """
+    ins, client = h.pair(zmq.ROUTER, zmq.REQ)
+    outs, worker = h.pair(zmq.DEALER, zmq.REP)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.6)
+
+    def serve_one() -> None:
+        if worker.poll(5000):
+            request = worker.recv_multipart()
+            time.sleep(0.4)  # the server's service time
+            worker.send_multipart([b"reply to ", *request])
+
+    replier = threading.Thread(target=serve_one)
+    replier.start()
+    control.send(b"TERMINATE")  # answered OK only when the loop returns
+    assert command(control, b"PING") == [b"PONG"]  # so the drain has begun
+    began = time.monotonic()
+    time.sleep(0.3)  # the request arrives half-way through the quiet period
+    client.send(b"late request")
+    replier.join(5)
+    assert client.poll(2000), "the drain ended before the reply to a request it had read"
+    assert client.recv_multipart() == [b"reply to ", b"late request"]
+    assert control.poll(5000) and control.recv_multipart() == [b"OK"]
+    loop.join()
+    assert time.monotonic() - began >= 0.7 + 0.6 - 0.05
+
+
+def test_continuous_traffic_holds_a_drain_open_until_it_goes_quiet(h: Harness) -> None:
+    """With requests flowing (a 10 ms server), the drain lasts until they stop, and
+    every request the device read gets its reply."""
+    ins, client = h.pair(zmq.ROUTER, zmq.REQ)
+    outs, worker = h.pair(zmq.DEALER, zmq.REP)
+    ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if worker.poll(20):
+                request = worker.recv_multipart()
+                time.sleep(0.01)  # the server's service time
+                worker.send_multipart(request)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        control.send(b"TERMINATE")
+        assert command(control, b"PING") == [b"PONG"]
+        began = time.monotonic()
+        answered = 0
+        while time.monotonic() - began < 0.5:  # 0.5 s of back-to-back requests
+            client.send(b"%d" % answered)
+            assert client.poll(1000), f"request {answered} lost while the drain went on"
+            assert client.recv() == b"%d" % answered
+            answered += 1
+        assert answered > 10
+        assert control.poll(5000) and control.recv_multipart() == [b"OK"]
+        assert time.monotonic() - began >= 0.5
+        loop.join()
+    finally:
+        stop.set()
+        server.join(5)
+
+
 def test_terminate_gives_up_on_a_blocked_output_after_drain_timeout(h: Harness) -> None:
     ins, producer = h.pair(zmq.PULL, zmq.PUSH)
     outs, _stuck = h.pair(zmq.PUSH, zmq.PULL, peer_options={"rcvhwm": 5}, sndhwm=5)

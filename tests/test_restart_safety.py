@@ -199,3 +199,58 @@ def test_a_reply_held_across_a_restart_never_reaches_another_client(
             assert reply == b"B:1", f"B got {reply!r}: a reply meant for another client"
         finally:
             worker.stop()
+
+
+# --- part 2: a planned restart's drain waits for the replies it owes ---------------------
+
+
+def test_drain_quiet_is_validated_against_stop_timeout(ipc_dir: Path) -> None:
+    from devmgr._errors import ConfigError
+
+    assert queue_config(ipc_dir).devices["q"].drain_quiet is None  # the loop's 0.1 s
+    assert queue_config(ipc_dir, drain_quiet=0.9).devices["q"].drain_quiet == 0.9
+    with pytest.raises(ConfigError) as caught:
+        queue_config(ipc_dir, drain_quiet=1.0)  # stop_timeout 2.0: at most half of it
+    (problem,) = caught.value.problems
+    assert problem.where == "devices.q.drain_quiet"
+    assert "stop_timeout" in problem.message
+    with pytest.raises(ConfigError) as caught:
+        queue_config(ipc_dir, drain_quiet=-1.0)
+    assert [p.where for p in caught.value.problems] == ["devices.q.drain_quiet"]
+
+
+def test_add_refuses_a_drain_quiet_longer_than_the_stop_budget(ipc_dir: Path) -> None:
+    with devmgr.Manager(queue_config(ipc_dir)) as manager:
+        running_pid(manager, "q")
+        spec = {
+            "name": "slow",
+            "kind": "queue",
+            "in": {"type": "ROUTER", "bind": [f"ipc://{ipc_dir}/s-in"]},
+            "out": {"type": "DEALER", "bind": [f"ipc://{ipc_dir}/s-out"]},
+            "drain_quiet": 5.0,
+        }
+        with pytest.raises(devmgr.ControlError) as caught:
+            manager.add(spec)
+        assert caught.value.code == "invalid_spec"
+        assert "drain_quiet" in str(caught.value)
+        assert [d["name"] for d in manager.status()["devices"]] == ["q"]
+
+
+def test_a_planned_restart_waits_for_a_slow_servers_reply(ipc_dir: Path, ctx: Any) -> None:
+    """drain_quiet above the server's reply time: the reply to a request the old process
+    read gets back through the drain, and the Lazy Pirate client never times out."""
+    in_ep, out_ep = f"ipc://{ipc_dir}/q-in", f"ipc://{ipc_dir}/q-out"
+    config = queue_config(ipc_dir, drain_quiet=0.8)
+    with devmgr.Manager(config) as manager:
+        pid = running_pid(manager, "q")
+        worker = EchoWorker(ctx, out_ep, delay=0.5).start()  # a 0.5 s server
+        client = LazyPirateClient(ctx, in_ep, "C")
+        try:
+            client.send(b"C:1")
+            wait_until(lambda: worker.received == [b"C:1"], what="the server has the request")
+            manager.restart("q")  # returns once the old process drained and the new runs
+            running_pid(manager, "q", not_pid=pid)
+            assert client.wait(0.0) == b"C:1", "the reply was lost in the planned restart"
+        finally:
+            client.close()
+            worker.stop()
