@@ -178,17 +178,16 @@ def curve_from_env(
 
 
 def _load_curve_keys(curve: CurvePair) -> tuple[bytes, bytes, bytes]:
-    """Return (client public, client secret, server public) Z85 keys from cert files."""
-    from zmq.auth import load_certificate
+    """Return (client public, client secret, server public) Z85 keys from cert files.
+
+    The client's secret certificate must not be readable by other users (as ssh).
+    """
+    from devmgr._certs import read_certificate
 
     client_path, server_path = (os.fspath(p) for p in curve)
-    try:
-        public, secret = load_certificate(client_path)
-        server_public, _ = load_certificate(server_path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read a CURVE certificate: {exc}") from exc
-    if not secret:
-        raise ConfigError(f"{client_path}: no secret key (give the client's *.key_secret file)")
+    public, secret = read_certificate(client_path, secret=True)
+    server_public, _ = read_certificate(server_path, secret=False)
+    assert secret is not None
     return public, secret, server_public
 
 
@@ -460,12 +459,14 @@ class _ZmtpTransport(_Transport):
         return True
 
     def recv(self, deadline: float) -> list[bytes] | None:
-        from devmgr._zmtp import ConnectionLost, ZmtpTimeout
+        from devmgr._zmtp import ConnectionLost, ZmtpError, ZmtpTimeout
 
         try:
             return self._dealer.recv(deadline)
         except ZmtpTimeout:
             return None
+        except ZmtpError as exc:
+            raise _Unreachable(str(exc)) from exc
         except (ConnectionLost, OSError) as exc:
             raise _Unreachable(f"connection lost: {exc}") from exc
 
@@ -483,6 +484,9 @@ class _PyzmqTransport(_Transport):
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        from devmgr._zmtp import MAX_FRAME_BYTES
+
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)  # as the ZMTP transport's cap
         if curve_keys is not None:
             public, secret, server_public = curve_keys
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)

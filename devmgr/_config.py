@@ -202,22 +202,12 @@ def _check_files(settings: ManagerSettings) -> list[Problem]:
                 )
             )
         else:
-            import zmq.auth
+            from devmgr._certs import read_certificate
 
             try:
-                _, secret_key = zmq.auth.load_certificate(secret)
-            except (OSError, ValueError) as exc:
-                secret_key, reason = None, str(exc)
-            else:
-                reason = "it holds no secret key"
-            if secret_key is None:
-                problems.append(
-                    Problem(
-                        "manager.curve.secret_key",
-                        f"{secret} is not a ZeroMQ secret certificate ({reason}): use the "
-                        "*.key_secret file",
-                    )
-                )
+                read_certificate(secret, secret=True)
+            except ConfigError as exc:
+                problems.append(Problem("manager.curve.secret_key", str(exc)))
         if not authorized.is_dir():
             problems.append(
                 Problem(

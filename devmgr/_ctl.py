@@ -406,7 +406,7 @@ def keygen_main(args: argparse.Namespace) -> int:
 
     try:
         public, secret = create_certificate_pair(args.directory, args.name)
-    except (FileExistsError, OSError) as exc:
+    except (OSError, ValueError) as exc:
         _err(str(exc))
         return EXIT_USAGE
     print(f"public certificate: {public}")

@@ -43,28 +43,72 @@ def load_secret_certificate(path: str | os.PathLike[str]) -> tuple[bytes, bytes]
     """Return (public, secret) Z85 keys of a `*.key_secret` certificate file.
 
     Raises:
-        ConfigError: the file cannot be read or holds no secret key.
+        ConfigError: the file cannot be read, holds no secret key, or other users may
+            read it (devmgr._certs.read_certificate).
     """
-    from zmq.auth import load_certificate
+    from devmgr._certs import read_certificate
 
-    try:
-        public, secret = load_certificate(os.fspath(path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the CURVE certificate {path}: {exc}") from exc
-    if not secret:
-        raise ConfigError(f"{path}: no secret key in it (give the *.key_secret file)")
+    public, secret = read_certificate(path, secret=True)
+    assert secret is not None
     return public, secret
 
 
-def authorized_public_keys(folder: str | os.PathLike[str]) -> set[bytes]:
-    """Return the Z85 public keys of the certificates in `folder` (empty when unreadable)."""
-    from zmq.auth import load_certificates
+# path -> the problem last logged for it, so that a bad file is reported once (and again
+# when its problem changes), not at every handshake.
+_REPORTED: dict[str, str] = {}
+_REPORTED_LOCK = threading.Lock()  # several managers' ZAP threads may share it
 
+
+def _report(path: str, problem: str | None, *, folder: bool = False) -> None:
+    with _REPORTED_LOCK:
+        _report_locked(path, problem, folder)
+
+
+def _report_locked(path: str, problem: str | None, folder: bool) -> None:
+    if problem is None:
+        _REPORTED.pop(path, None)
+    elif _REPORTED.get(path) != problem:
+        _REPORTED[path] = problem
+        if folder:
+            log.error("%s", problem)
+        else:
+            log.warning("skipped an authorized CURVE key: %s", problem)
+
+
+def authorized_public_keys(folder: str | os.PathLike[str]) -> set[bytes]:
+    """Return the Z85 public keys of the `*.key` certificates in `folder`.
+
+    A file that cannot be used (unreadable, empty, garbage, too large, a folder or a
+    FIFO named `*.key`) is skipped with a warning naming it; the others still count.
+    An unreadable folder gives no keys (and an error in the log).
+    """
+    from devmgr._certs import read_certificate
+
+    where = os.fspath(folder)
     try:
-        return set(load_certificates(os.fspath(folder)))
-    except (OSError, ValueError) as exc:
-        log.error("cannot read the authorized CURVE keys in %s: %s", folder, exc)
+        names = sorted(e.name for e in os.scandir(where) if e.name.endswith(".key"))
+    except OSError as exc:
+        problem = f"cannot read the authorized CURVE keys folder {where}: {exc.strerror}"
+        _report(where, problem, folder=True)
         return set()
+    _report(where, None)
+    keys: set[bytes] = set()
+    seen = set()
+    for name in names:
+        path = os.path.join(where, name)
+        seen.add(path)
+        try:
+            public, _ = read_certificate(path, secret=False)
+        except ConfigError as exc:
+            _report(path, str(exc))
+            continue
+        _report(path, None)
+        keys.add(public)
+    prefix = where.rstrip(os.sep) + os.sep
+    with _REPORTED_LOCK:
+        for gone in [p for p in _REPORTED if p.startswith(prefix) and p not in seen]:
+            del _REPORTED[gone]
+    return keys
 
 
 class CurveAuthorizer:
@@ -166,6 +210,11 @@ def enable_curve_server(
         ConfigError: the secret certificate cannot be read.
     """
     public, secret = load_secret_certificate(curve_spec.secret_key)
+    if not authorized_public_keys(curve_spec.authorized_keys):
+        log.warning(
+            "no usable public key in %s: no CURVE client can connect until one is added",
+            curve_spec.authorized_keys,
+        )
     with _AUTHORIZERS_LOCK:
         for key in [k for k, a in _AUTHORIZERS.items() if not a.alive]:
             del _AUTHORIZERS[key]  # their contexts are gone; let them be freed
@@ -188,19 +237,13 @@ def enable_curve_server(
 
 
 def create_certificate_pair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
-    """Write `NAME.key` (public) and `NAME.key_secret` (mode 0600) in `directory`.
+    """Write `NAME.key` (public) and `NAME.key_secret` (mode 0600 from creation on).
 
     Raises:
         FileExistsError: either file exists already (keys are never overwritten).
+        ValueError: `name` is not a plain file name.
     """
-    from zmq.auth import create_certificates
+    from devmgr._certs import write_certificate_pair
 
-    folder = Path(directory)
-    public_file, secret_file = folder / f"{name}.key", folder / f"{name}.key_secret"
-    for path in (public_file, secret_file):
-        if path.exists():
-            raise FileExistsError(f"{path} exists already; remove it first to make a new pair")
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    made_public, made_secret = create_certificates(os.fspath(folder), name)
-    os.chmod(made_secret, 0o600)
-    return Path(made_public), Path(made_secret)
+    public, secret = zmq.curve_keypair()
+    return write_certificate_pair(directory, name, public, secret)

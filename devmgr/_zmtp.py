@@ -23,6 +23,13 @@ GREETING += b"\x00" * 32
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _RETRY_INTERVAL = 0.02  # between connection attempts while the manager is not there yet
 
+#: The largest message frame accepted from the peer. The manager's largest replies (the
+#: status of a few thousand devices) are a few MiB; a peer announcing more is refused
+#: before anything is allocated for it.
+MAX_FRAME_BYTES = 64 << 20
+#: The largest command frame (READY, PING, ERROR): libzmq's are a few dozen bytes.
+MAX_COMMAND_BYTES = 64 << 10
+
 
 class ZmtpError(Exception):
     """The peer is not a ZMTP 3 NULL endpoint we can talk to (message says why)."""
@@ -74,17 +81,37 @@ def _property(name: bytes, value: bytes) -> bytes:
 
 
 def _parse_properties(data: bytes) -> dict[bytes, bytes]:
+    """Parse ZMTP metadata (name length, name, 4-byte value length, value)...
+
+    Raises:
+        ZmtpError: the metadata is truncated or malformed.
+    """
     props: dict[bytes, bytes] = {}
     pos = 0
     while pos < len(data):
         name_len = data[pos]
+        if name_len == 0 or pos + 1 + name_len + 4 > len(data):
+            raise ZmtpError("malformed metadata in a ZMTP command (truncated property)")
         name = data[pos + 1 : pos + 1 + name_len]
         pos += 1 + name_len
         (value_len,) = struct.unpack_from(">I", data, pos)
         pos += 4
+        if pos + value_len > len(data):
+            raise ZmtpError("malformed metadata in a ZMTP command (truncated value)")
         props[name.lower()] = data[pos : pos + value_len]
         pos += value_len
     return props
+
+
+def _command_name(body: bytes) -> tuple[bytes, bytes]:
+    """Split a command frame into its name and its data.
+
+    Raises:
+        ZmtpError: the frame is too short for the name it announces.
+    """
+    if not body or body[0] == 0 or len(body) < 1 + body[0]:
+        raise ZmtpError("malformed ZMTP command (truncated name)")
+    return bytes(body[1 : 1 + body[0]]), bytes(body[1 + body[0] :])
 
 
 class ZmtpDealer:
@@ -164,15 +191,15 @@ class ZmtpDealer:
             flags, body = self._read_frame(deadline)
             if not flags & _COMMAND:
                 raise ZmtpError(f"{self.endpoint} sent a message before READY")
-            name = body[1 : 1 + body[0]]
+            name, data = _command_name(body)
             if name == b"READY":
-                props = _parse_properties(bytes(body[1 + body[0] :]))
+                props = _parse_properties(data)
                 if props.get(b"socket-type") not in (b"ROUTER", b"DEALER", b"REP"):
                     kind = props.get(b"socket-type", b"?").decode(errors="replace")
                     raise ZmtpError(f"{self.endpoint} is a {kind} socket, not a ROUTER")
                 return
             if name == b"ERROR":
-                reason = bytes(body[2 + body[0] :]).decode(errors="replace")
+                reason = data[1:].decode(errors="replace")
                 raise ZmtpError(f"{self.endpoint} refused the connection: {reason}")
 
     # ---- messages ------------------------------------------------------------------
@@ -195,17 +222,21 @@ class ZmtpDealer:
         Raises:
             ZmtpTimeout: no whole message by the deadline.
             ConnectionLost: the peer closed the connection.
+            ZmtpError: the peer broke the protocol (a malformed or oversized frame).
         """
         frames: list[bytes] = []
+        size = 0
         while True:
             flags, body = self._read_frame(deadline)
             if flags & _COMMAND:
-                name = body[1 : 1 + body[0]]
-                if name == b"PING" and len(body) >= 1 + body[0] + 2:
+                name, data = _command_name(body)
+                if name == b"PING" and len(data) >= 2:
                     # PING carries a TTL (2 bytes) then a context that PONG echoes
-                    context = bytes(body[1 + body[0] + 2 :])
-                    self._sendall(_command(b"PONG", context), deadline)
+                    self._sendall(_command(b"PONG", data[2:]), deadline)
                 continue
+            size += len(body)
+            if size > MAX_FRAME_BYTES:
+                raise ZmtpError(f"{self.endpoint} sent a message over {MAX_FRAME_BYTES} bytes")
             frames.append(bytes(body))
             if not flags & _MORE:
                 return frames
@@ -254,7 +285,7 @@ class ZmtpDealer:
                 raise ZmtpTimeout("receive timed out")
             self._sock.settimeout(remaining)
             try:
-                chunk = self._sock.recv(max(65536, size - len(self._buffer)))
+                chunk = self._sock.recv(min(max(65536, size - len(self._buffer)), 4 << 20))
             except TimeoutError:
                 raise ZmtpTimeout("receive timed out") from None
             except ConnectionResetError as exc:
@@ -270,8 +301,16 @@ class ZmtpDealer:
         return data
 
     def _read_frame(self, deadline: float) -> tuple[int, bytes]:
+        """Return (flags, body) of the next frame.
+
+        Raises:
+            ZmtpError: reserved flag bits set, or a frame larger than the caps (checked
+                on the announced size, before anything is read or allocated for it).
+        """
         self._fill(2, deadline)
         flags = self._buffer[0]
+        if flags & ~(_MORE | _LONG | _COMMAND):
+            raise ZmtpError(f"{self.endpoint} sent a frame with reserved flags 0x{flags:02x}")
         if flags & _LONG:
             self._fill(9, deadline)
             (size,) = struct.unpack_from(">Q", self._buffer, 1)
@@ -279,6 +318,12 @@ class ZmtpDealer:
         else:
             size = self._buffer[1]
             header = 2
+        limit = MAX_COMMAND_BYTES if flags & _COMMAND else MAX_FRAME_BYTES
+        if size > limit:
+            what = "command" if flags & _COMMAND else "frame"
+            raise ZmtpError(
+                f"{self.endpoint} announced a {size}-byte {what}; the limit is {limit} bytes"
+            )
         self._fill(header + size, deadline)
         body = bytes(self._buffer[header : header + size])
         del self._buffer[: header + size]

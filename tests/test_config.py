@@ -42,7 +42,8 @@ def make_keys(folder: Path) -> None:
     """Create the CURVE certificates the curve example expects beside it."""
     keys = folder / "keys"
     (keys / "authorized").mkdir(parents=True)
-    zmq.auth.create_certificates(str(keys), "manager")
+    _, secret = zmq.auth.create_certificates(str(keys), "manager")
+    os.chmod(secret, 0o600)  # zmq.auth writes it 0644, which devmgr refuses
     zmq.auth.create_certificates(str(keys / "authorized"), "operator")
 
 
