@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import shutil
@@ -221,7 +222,7 @@ def test_keygen_creates_the_secret_key_0600_from_the_start(ipc_dir: Path) -> Non
         preexec_fn=lambda: os.umask(0o022),
     )
     assert done.returncode == 0, done.stderr
-    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr()
+    seen = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert seen, "the hook saw no secret key file at all"
     assert all(mode & 0o077 == 0 for _event, _name, mode in seen), seen
     assert (folder / "manager.key_secret").stat().st_mode & 0o777 == 0o600
@@ -328,9 +329,11 @@ def test_client_survives_a_hostile_zmtp_peer(what: str, hostile: Callable[[bytes
     """devmgr's own error, in time: no MemoryError, struct.error or IndexError."""
     endpoint = hostile(HOSTILE[what])
     started = time.monotonic()
-    with Client(endpoint, timeout=10, transport="zmtp") as client:
-        with pytest.raises(ManagerUnreachable) as caught:
-            client.ping()
+    with (
+        Client(endpoint, timeout=10, transport="zmtp") as client,
+        pytest.raises(ManagerUnreachable) as caught,
+    ):
+        client.ping()
     assert time.monotonic() - started < 5  # at once, not at the timeout
     message = str(caught.value)
     assert endpoint in message, message
