@@ -23,6 +23,7 @@ import zmq
 
 from devmgr import _core
 from devmgr._paths import unix_socket_in_use
+from devmgr._proctitle import set_process_title
 
 # Exit status of a child whose sockets could not be set up (sysexits' EX_CONFIG).
 EXIT_START_FAILED = 78
@@ -52,6 +53,7 @@ class DevicePlan:
     drain_timeout: float = 1.0
     drain_quiet: float = 0.1
     linger_ms: int = 1000
+    kind: str = "monitored_queue"
 
 
 def _die_with_parent(expected_parent: int) -> None:
@@ -69,6 +71,14 @@ def _die_with_parent(expected_parent: int) -> None:
         pass
     if expected_parent and os.getppid() != expected_parent:
         os._exit(0)  # the parent died between fork and prctl: nobody supervises us
+
+
+def name_process(plan: DevicePlan) -> None:
+    """Show this child as `devmgr: NAME (kind)` in ps; its comm name is `devmgr: NAME`.
+
+    The comm name (top, pgrep) holds 15 bytes: the device's name matters more there.
+    """
+    set_process_title(f"devmgr: {plan.name} ({plan.kind})", comm=f"devmgr: {plan.name}")
 
 
 def _drop_forkserver_fds() -> None:
@@ -128,6 +138,7 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
     """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
     _die_with_parent(expected_parent)
     _drop_forkserver_fds()
+    name_process(plan)
     # Before any socket exists: every child forked from the forkserver would otherwise
     # hand its first ROUTER peer the same routing id as the last incarnation did, and a
     # reply a worker still holds for the old process's client would reach a new one.

@@ -84,6 +84,7 @@ def device_plan(spec: DeviceSpec, stop_timeout: float) -> _child.DevicePlan:
         drain_timeout=drain,
         drain_quiet=quiet,
         linger_ms=int(linger * 1000),
+        kind=spec.kind,
     )
 
 

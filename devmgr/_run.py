@@ -70,6 +70,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.propagate = False
 
 
+def manager_title(config_path: os.PathLike[str] | str | None) -> str:
+    """The manager's process title: `devmgr: manager CONFIG` (or the embedded default)."""
+    return f"devmgr: manager {config_path or '(embedded default)'}"
+
+
 def start_main(args: argparse.Namespace) -> int:
     if args.names:
         from devmgr._ctl import names_main
@@ -85,6 +90,10 @@ def start_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     setup_logging(args.log_level, args.log_format)
     from devmgr._manager import Manager
+    from devmgr._proctitle import set_process_title
+
+    # Only the command names its process: an application embedding a Manager keeps its own.
+    set_process_title(manager_title(config.path))
 
     manager = Manager(config)
     try:
