@@ -3,6 +3,12 @@
 The manager runs all its I/O in one thread on this loop, so supervision state needs no
 locks. Other threads hand work over with `call_soon_threadsafe`, which wakes the poll
 through a pipe (a zmq socket must not be shared between threads).
+
+Raw fds (a device process's exit sentinel, one per device) live in an epoll set whose
+one fd is what zmq_poll watches: pyzmq's Poller rebuilds its item array on every call
+and poll(2) scans every fd, so with the fds in the Poller each wake-up cost O(devices)
+and the 1,000-device manager spent its idle core on it; epoll reports only the ready
+ones.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -51,6 +58,11 @@ class EventLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._handlers[self._wake_r] = self._drain_wakeups
+        self._fd_handlers: dict[int, Callable[[], None]] = {}
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            self._poller.register(self._epoll.fileno(), zmq.POLLIN)
+            self._handlers[self._epoll.fileno()] = self._on_fds
         self._running = False
         self._closed = False
         self.thread: threading.Thread | None = None
@@ -58,10 +70,21 @@ class EventLoop:
     # ---- registration (loop thread only) ----
 
     def add_reader(self, sock_or_fd: Any, callback: Callable[[], None]) -> None:
+        if isinstance(sock_or_fd, int) and self._epoll is not None:
+            self._epoll.register(sock_or_fd, select.EPOLLIN)
+            self._fd_handlers[sock_or_fd] = callback
+            return
         self._poller.register(sock_or_fd, zmq.POLLIN)
         self._handlers[sock_or_fd] = callback
 
     def remove_reader(self, sock_or_fd: Any) -> None:
+        if isinstance(sock_or_fd, int) and self._epoll is not None:
+            if self._fd_handlers.pop(sock_or_fd, None) is not None:
+                try:
+                    self._epoll.unregister(sock_or_fd)
+                except OSError:
+                    pass  # closed already, which took it out of the set
+            return
         if self._handlers.pop(sock_or_fd, None) is not None:
             self._poller.unregister(sock_or_fd)
 
@@ -102,6 +125,13 @@ class EventLoop:
 
         self.call_soon_threadsafe(start)
         return fut.result(timeout)
+
+    def _on_fds(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            handler = self._fd_handlers.get(fd)
+            if handler is not None:
+                self._guard(handler)
 
     def _drain_wakeups(self) -> None:
         try:
@@ -149,5 +179,7 @@ class EventLoop:
 
     def close(self) -> None:
         self._closed = True
+        if self._epoll is not None:
+            self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
