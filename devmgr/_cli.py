@@ -13,11 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-# Exit statuses (CONTRACT 6).
-EXIT_OK = 0
-EXIT_ERROR_REPLY = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+from devmgr._wire import EXIT_OK, EXIT_USAGE
 
 # subcommand -> "module:function"; the function takes the parsed args and returns an int.
 _HANDLERS: dict[str, str] = {

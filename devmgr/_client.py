@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from devmgr._errors import ConfigError, ControlError, DevmgrError, ManagerUnreachable
+from devmgr._wire import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-PROTOCOL_VERSION = 1
 
 CurvePair = tuple["str | os.PathLike[str]", "str | os.PathLike[str]"]
 

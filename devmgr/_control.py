@@ -18,7 +18,8 @@ import zmq
 from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ControlError
-from devmgr._protocol import COMMANDS, MAX_REQUEST_BYTES, PROTOCOL_VERSION, RawJSON, Request
+from devmgr._protocol import COMMANDS, RawJSON, Request
+from devmgr._wire import MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from devmgr._manager import Manager

@@ -17,8 +17,7 @@ from typing import Any
 
 from devmgr._client import Client, connectable, curve_from_env, resolve_endpoint
 from devmgr._errors import ConfigError, ControlError, ManagerUnreachable
-
-EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+from devmgr._wire import EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 
 
 def _err(message: str) -> None:

@@ -14,18 +14,17 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.devices
 
 from devmgr import _core
+from devmgr._wire import STAT_KEYS, parse_stats
 
 __all__ = [
     "STAT_KEYS",
@@ -40,32 +39,8 @@ __all__ = [
     "seed_routing_ids",
 ]
 
-#: The STATISTICS reply's 8 counters (CONTRACT 2.1), in frame order.
-STAT_KEYS: tuple[str, ...] = (
-    "in_msgs_received",
-    "in_bytes_received",
-    "in_msgs_sent",
-    "in_bytes_sent",
-    "out_msgs_received",
-    "out_bytes_received",
-    "out_msgs_sent",
-    "out_bytes_sent",
-)
-_STATS_FRAMES = struct.Struct("=8Q")  # 8 native-endian uint64, one per frame
 # How often a waiting control call checks that the device is still there.
 _POLL_SLICE_MS = 50
-
-
-def parse_stats(frames: Sequence[bytes]) -> dict[str, int]:
-    """Turn a STATISTICS reply (8 native-endian uint64 frames) into a dict by STAT_KEYS.
-
-    Raises:
-        ValueError: the reply is not 8 frames of 8 bytes (e.g. an ERROR reply).
-    """
-    if len(frames) != len(STAT_KEYS) or any(len(f) != 8 for f in frames):
-        raise ValueError(f"not a STATISTICS reply: {list(frames)[:3]!r}...")
-    values = _STATS_FRAMES.unpack(b"".join(bytes(f) for f in frames))
-    return dict(zip(STAT_KEYS, values, strict=True))
 
 
 def monitored_queue(  # noqa: PLR0917  (pyzmq's positional signature)

@@ -28,7 +28,8 @@ from devmgr._loop import EventLoop
 from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir, unix_socket_in_use
 from devmgr._protocol import RawJSON
 from devmgr._spec import DeviceSpec, ManagerConfig
-from devmgr._version import PROTOCOL_VERSION, __version__
+from devmgr._version import __version__
+from devmgr._wire import PROTOCOL_VERSION
 
 log = logging.getLogger("devmgr")
 

@@ -48,21 +48,18 @@ from prometheus_client.core import (
 
 from devmgr._errors import DevmgrError
 from devmgr._version import __version__
+from devmgr._wire import STAT_KEYS, Reason, State
 
 log = logging.getLogger("devmgr.metrics")
 
-STATES = ("starting", "running", "paused", "backoff", "stopping", "stopped", "fatal")
-EXIT_REASONS = ("exited", "killed", "memory", "unresponsive", "start_failed", "stopped")
+STATES = tuple(state.value for state in State)
+EXIT_REASONS = tuple(reason.value for reason in Reason)
 # Up and ready: the process runs and its loop answers. `paused` is included because an
 # operator paused it on purpose; taking the pod out of service for that would surprise.
-UP_STATES = frozenset({"running", "paused"})
-# (status key of the 8 STATISTICS counters) -> (socket, direction) labels.
-_STAT_LABELS = {
-    "in_msgs_received": ("in", "received"),
-    "in_msgs_sent": ("in", "sent"),
-    "out_msgs_received": ("out", "received"),
-    "out_msgs_sent": ("out", "sent"),
-}
+UP_STATES = frozenset({State.RUNNING.value, State.PAUSED.value})
+# (status key of a STATISTICS message counter) -> (socket, direction) labels; the byte
+# counters have the same labels ("in_msgs_received" -> in, received).
+_STAT_LABELS = {key: (key.split("_")[0], key.split("_")[2]) for key in STAT_KEYS if "_msgs_" in key}
 
 Collect = Callable[[], Mapping[str, Any]]
 

@@ -12,18 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROTOCOL_VERSION = 1
-MAX_REQUEST_BYTES = 1 << 20
-
-ErrorCode = Literal[
-    "bad_request",
-    "unknown_command",
-    "unknown_device",
-    "invalid_spec",
-    "conflict",
-    "too_large",
-    "internal",
-]
+from devmgr._wire import PROTOCOL_VERSION, ErrorCode, ProtocolVersion, Reason, State
 
 
 class RawJSON(str):
@@ -39,7 +28,7 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    v: Literal[1]
+    v: ProtocolVersion
     id: Any = None
     cmd: str
     args: dict[str, Any] = Field(default_factory=dict)
@@ -49,7 +38,7 @@ class Request(BaseModel):
     def _exactly_one(cls, value: Any) -> Any:
         # Literal[1] alone would take true and 1.0 (they equal 1 in Python)
         if type(value) is not int:
-            raise ValueError("the protocol version must be the integer 1")
+            raise ValueError(f"the protocol version must be the integer {PROTOCOL_VERSION}")
         return value
 
 
@@ -94,18 +83,20 @@ COMMANDS: dict[str, type[_Strict]] = {
 
 # ---- results -------------------------------------------------------------------------
 
-DeviceState = Literal["starting", "running", "paused", "backoff", "stopping", "stopped", "fatal"]
-ExitReason = Literal["exited", "killed", "memory", "unresponsive", "start_failed", "stopped"]
-
 
 class LastExit(_Strict):
     code: int | None
     signal: int | None
-    reason: ExitReason
+    reason: Reason
     at: float
 
 
 class Stats(_Strict):
+    """The 8 counters of a device loop's STATISTICS reply, by their `stats()` keys.
+
+    Its fields are `_wire.STAT_KEYS` in frame order (tests/test_wire.py pins the two).
+    """
+
     in_msgs_received: int
     in_bytes_received: int
     in_msgs_sent: int
@@ -130,7 +121,7 @@ class Endpoints(_Strict):
 class DeviceStatus(_Strict):
     name: str
     kind: str
-    state: DeviceState
+    state: State
     pid: int | None
     uptime_s: float | None
     restarts: int
@@ -164,7 +155,7 @@ class StatusResult(_Strict):
 
 class VersionResult(_Strict):
     version: str
-    protocol: Literal[1]
+    protocol: ProtocolVersion
 
 
 class ReloadResult(_Strict):
@@ -183,14 +174,14 @@ class ErrorBody(_Strict):
 
 
 class OkReply(_Strict):
-    v: Literal[1]
+    v: ProtocolVersion
     id: Any = None
     ok: Literal[True]
     result: Any = None
 
 
 class ErrorReply(_Strict):
-    v: Literal[1]
+    v: ProtocolVersion
     id: Any = None
     ok: Literal[False]
     error: ErrorBody

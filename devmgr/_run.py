@@ -11,8 +11,7 @@ import time
 from typing import Any
 
 from devmgr._errors import ConfigError, DevmgrError
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from devmgr._wire import EXIT_OK, EXIT_USAGE
 
 
 class _TextFormatter(logging.Formatter):

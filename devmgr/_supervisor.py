@@ -30,8 +30,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
+
+from devmgr._wire import Reason, State
 
 __all__ = [
     "Action",
@@ -56,29 +57,6 @@ POLICIES = frozenset({"always", "on-failure", "never"})
 # Beyond this many doublings every sane backoff is at its cap; bounding the exponent keeps
 # `2.0 ** n` from overflowing in a device that has failed thousands of times in a row.
 _MAX_DOUBLINGS = 64
-
-
-class State(StrEnum):
-    """Lifecycle state of a device, as `status` reports it."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FATAL = "fatal"
-
-
-class Reason(StrEnum):
-    """Why the last child process ended (``last_exit.reason``)."""
-
-    EXITED = "exited"
-    KILLED = "killed"
-    MEMORY = "memory"
-    UNRESPONSIVE = "unresponsive"
-    START_FAILED = "start_failed"
-    STOPPED = "stopped"
 
 
 UNHEALTHY_REASONS = frozenset({Reason.MEMORY, Reason.UNRESPONSIVE})

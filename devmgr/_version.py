@@ -1,2 +1,1 @@
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1

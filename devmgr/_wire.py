@@ -1,0 +1,110 @@
+"""Every fact of devmgr's interface that other programs read, defined once.
+
+The control protocol's version, request limit and error codes, the device states and
+exit reasons that `status` and the events carry, the layout of a device loop's
+STATISTICS reply, and the exit statuses of the `devmgr` command. Every other module
+reads them from here: the pydantic models of `_protocol` take their types from these
+definitions, the metrics and the CLI their names and numbers, and docs/ is generated
+from them (`python -m devmgr._docs`). The Cython core writes the STATISTICS reply in C;
+tests/test_wire.py pins its frames to STAT_KEYS.
+
+Kept free of pydantic and zmq: `devmgr status` imports it on every start.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Final, Literal, get_args
+
+# ---- the control protocol (docs/protocol.md) ----------------------------------------
+
+#: The `v` of every request and reply; a request with any other `v` is a bad_request.
+ProtocolVersion = Literal[1]
+PROTOCOL_VERSION: Final[ProtocolVersion] = get_args(ProtocolVersion)[0]
+
+#: A request frame larger than this is answered `too_large` without being parsed.
+MAX_REQUEST_BYTES: Final = 1 << 20
+
+#: The `error.code` of an error reply.
+ErrorCode = Literal[
+    "bad_request",
+    "unknown_command",
+    "unknown_device",
+    "invalid_spec",
+    "conflict",
+    "too_large",
+    "internal",
+]
+ERROR_CODES: Final[tuple[ErrorCode, ...]] = get_args(ErrorCode)
+
+
+class State(StrEnum):
+    """Lifecycle state of a device, as `status` reports it."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FATAL = "fatal"
+
+
+class Reason(StrEnum):
+    """Why the last child process ended (``last_exit.reason``)."""
+
+    EXITED = "exited"
+    KILLED = "killed"
+    MEMORY = "memory"
+    UNRESPONSIVE = "unresponsive"
+    START_FAILED = "start_failed"
+    STOPPED = "stopped"
+
+
+# ---- the device control channel's STATISTICS reply (docs/protocol.md) ---------------
+
+#: The STATISTICS reply's 8 counters, in frame order: messages then bytes received,
+#: messages then bytes sent, for the in-socket and then the out-socket.
+STAT_KEYS: Final[tuple[str, ...]] = (
+    "in_msgs_received",
+    "in_bytes_received",
+    "in_msgs_sent",
+    "in_bytes_sent",
+    "out_msgs_received",
+    "out_bytes_received",
+    "out_msgs_sent",
+    "out_bytes_sent",
+)
+#: Each frame is one unsigned 64-bit integer in the machine's byte order.
+STATS_FRAME: Final = struct.Struct("=Q")
+_STATS_REPLY = struct.Struct(f"={len(STAT_KEYS)}Q")
+
+
+def parse_stats(frames: Sequence[bytes]) -> dict[str, int]:
+    """Turn a STATISTICS reply (8 native-endian uint64 frames) into a dict by STAT_KEYS.
+
+    Raises:
+        ValueError: the reply is not 8 frames of 8 bytes (e.g. an ERROR reply).
+    """
+    if len(frames) != len(STAT_KEYS) or any(len(f) != STATS_FRAME.size for f in frames):
+        raise ValueError(f"not a STATISTICS reply: {list(frames)[:3]!r}...")
+    values = _STATS_REPLY.unpack(b"".join(bytes(f) for f in frames))
+    return dict(zip(STAT_KEYS, values, strict=True))
+
+
+# ---- the `devmgr` command's exit statuses (docs/cli.md) -----------------------------
+
+EXIT_OK: Final = 0
+EXIT_ERROR_REPLY: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+
+#: Exit status -> what it means, in the words of `devmgr --help` and docs/cli.md.
+EXIT_STATUSES: Final[dict[int, str]] = {
+    EXIT_OK: "done",
+    EXIT_ERROR_REPLY: "the manager answered with an error",
+    EXIT_USAGE: "usage error or bad config (nothing was started or sent)",
+    EXIT_UNREACHABLE: "no manager answered in time",
+}
