@@ -4,8 +4,8 @@
 The loop relays whole messages in both directions between an in-socket and an
 out-socket, copies each one to an optional monitor socket behind its direction's
 prefix frame (pyzmq's monitored_queue semantics, ROUTER-ROUTER identity swap included),
-answers the control commands of CONTRACT 2.1 on an optional control socket, and wakes up
-on an optional signal fd. See `proxy` for the rules it keeps.
+answers the device control commands (docs/protocol.md) on an optional control socket,
+and wakes up on an optional signal fd. See `proxy` for the rules it keeps.
 """
 
 from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
@@ -61,8 +61,9 @@ cdef enum:
     REPLY_ERROR = 2
     REPLY_STATS = 3
 
-# Statistics slots (CONTRACT 2.1 order): messages then bytes received, messages then
-# bytes sent, for the in-socket (0-3) and the out-socket (4-7).
+# Statistics slots, in the order of devmgr/_wire.py's STAT_KEYS (docs/protocol.md; pinned
+# by tests/test_wire.py): messages then bytes received, messages then bytes sent, for the
+# in-socket (0-3) and the out-socket (4-7).
 cdef enum:
     STAT_IN_RECEIVED = 0
     STAT_IN_SENT = 2
@@ -735,7 +736,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       those sent on the other, less the one message a direction may be holding.
     - Control (`ctrl_socket`, any type; a ROUTER's envelope is answered through): PAUSE
       (stop reading both sockets; a message already read is still delivered), RESUME,
-      PING -> PONG, STATISTICS -> 8 native-endian uint64 frames (CONTRACT 2.1),
+      PING -> PONG, STATISTICS -> 8 native-endian uint64 frames (docs/protocol.md),
       TERMINATE -> drain, then OK and return. Anything else, multipart included, gets
       ERROR. A reply that cannot be queued at once (peer gone or not reading) is dropped.
       The control socket is served while draining too: PING and STATISTICS as usual,

@@ -118,7 +118,7 @@ def _bench_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Return the parser for every devmgr subcommand (CONTRACT 6), or just for `only`.
+    """Return the parser for every devmgr subcommand (docs/cli.md), or just for `only`.
 
     Building all eighteen subparsers costs ~8 ms, a tenth of `devmgr status`; a run that
     names its subcommand only needs that one (help and errors still get the full tree).

@@ -1,4 +1,4 @@
-"""`devmgr.Client`: send control requests to a running manager (CONTRACT 2, 4, 5.1).
+"""`devmgr.Client`: send control requests to a running manager (docs/protocol.md).
 
 The client path is kept cheap to start: no pydantic, pyzmq imported when the first
 request is sent, and the endpoint found by reading `[manager] control` with tomllib
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 CurvePair = tuple["str | os.PathLike[str]", "str | os.PathLike[str]"]
 
 
-# ---- endpoint resolution (CONTRACT 6) ------------------------------------------------
+# ---- endpoint resolution (docs/cli.md) -----------------------------------------------
 
 
 def control_endpoint_of(config_path: str | os.PathLike[str]) -> str:
@@ -123,7 +123,7 @@ def scan_manager_control(text: str) -> str | None:
 
 
 def resolve_endpoint(endpoint: str | None = None, config: str | None = None) -> str:
-    """Return the control endpoint to use (CONTRACT 6).
+    """Return the control endpoint to use (docs/cli.md, "Finding the manager").
 
     In order: `endpoint`; the control endpoint of the `config` file; $DEVMGR_ENDPOINT;
     that of $DEVMGR_CONFIG or ./devmgr.toml; the default ipc endpoint in the runtime dir.
@@ -198,7 +198,7 @@ class Client:
     """Send control requests to a devmgr manager and return their results.
 
     Each method sends one request and waits at most `timeout` seconds in total for its
-    reply. Results are plain JSON-shaped values as in CONTRACT 4. Not thread-safe: use
+    reply. Results are plain JSON-shaped values as in docs/protocol.md. Not thread-safe: use
     one Client per thread.
 
     Args:
@@ -357,7 +357,7 @@ class Client:
         return dict(self.request("resume", {"name": name}))
 
     def stats(self, name: str) -> dict[str, int]:
-        """Return the device's 8 counters of CONTRACT 2.1 by their `stats()` keys."""
+        """Return the device's 8 STATISTICS counters (docs/protocol.md) by their `stats()` keys."""
         return dict(self.request("stats", {"name": name}))
 
     def add(self, spec: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def _describe(exc: ValidationError) -> str:
 
 
 class ControlServer:
-    """Serve CONTRACT 4 on a bound ROUTER socket, on the manager's loop thread."""
+    """Serve the control protocol (docs/protocol.md) on a bound ROUTER, on the loop thread."""
 
     def __init__(self, manager: Manager, sock: zmq.Socket[bytes]) -> None:
         self.manager = manager

@@ -25,7 +25,7 @@ def proxy(
     message is copied to `mon_socket` behind its direction's prefix frame; ROUTER to
     ROUTER swaps the two identity frames (monitored_queue's way) unless `swap_ids` is
     False (zmq.proxy's way, pyzmq's plain devices). `ctrl_socket` takes PAUSE, RESUME,
-    TERMINATE, STATISTICS and PING (CONTRACT 2.1), and is served while draining too.
+    TERMINATE, STATISTICS and PING (docs/protocol.md), and is served while draining too.
 
     `signal_fd` (-1 or None: none; non-blocking, like the fd given to set_wakeup_fd):
     readable -> run Python's signal handlers; with `drain_on_signals` (default), a

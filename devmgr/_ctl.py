@@ -1,4 +1,4 @@
-"""The client subcommands of `devmgr`: send one request, print the answer (CONTRACT 6).
+"""The client subcommands of `devmgr`: send one request, print the answer (docs/cli.md).
 
 Exit statuses: 0 done; 1 the manager answered with an error; 2 usage or bad config;
 3 no manager answered in time. Nothing here imports pydantic except `add`, which

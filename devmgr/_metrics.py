@@ -12,7 +12,7 @@
 
 `collect()` contract (the manager provides it):
     Called from an HTTP worker thread, possibly from several at once, once per request.
-    Returns the `status` result of the control protocol (CONTRACT 4 and 5.1:
+    Returns the `status` result of the control protocol (docs/protocol.md:
     `{"manager": {...}, "devices": [...]}`) plus `"alive": bool`, True when the manager's
     event loop has run recently. It should return within a second; when the loop does
     not answer it should return `{"alive": False}` (manager and devices may then be

@@ -1,4 +1,6 @@
-"""The control protocol and lifecycle events as typed pydantic models (CONTRACT 4, 5).
+"""The control protocol and lifecycle events as typed pydantic models.
+
+docs/protocol.md and docs/events.md describe them; their tables are generated from here.
 
 Requests are parsed through these models; one explicit table, COMMANDS, maps each command
 name to the model of its `args`. Replies and events are described here too (and generated
@@ -50,19 +52,23 @@ class NoArgs(_Strict):
 
 
 class StatusArgs(_Strict):
-    names: list[str] | None = None
+    names: list[str] | None = Field(
+        default=None, description="devices to report (default: all); an unknown name is an error"
+    )
 
 
 class NamesArgs(_Strict):
-    names: list[str] = Field(min_length=1)
+    names: list[str] = Field(min_length=1, description='device names; ["*"] means every device')
 
 
 class NameArgs(_Strict):
-    name: str
+    name: str = Field(description="the device's name")
 
 
 class AddArgs(_Strict):
-    spec: dict[str, Any]
+    spec: dict[str, Any] = Field(
+        description="a device table as JSON (the keys of [devices.NAME]) with its `name`"
+    )
 
 
 COMMANDS: dict[str, type[_Strict]] = {
@@ -81,14 +87,46 @@ COMMANDS: dict[str, type[_Strict]] = {
     "shutdown": NoArgs,
 }
 
+# command -> (what it does, what its result is); docs/protocol.md is generated from these.
+COMMAND_DOCS: dict[str, tuple[str, str]] = {
+    "ping": ("check that the manager answers", '`"pong"`'),
+    "version": ("the manager's devmgr version and protocol version", "a version result"),
+    "status": ("the manager and its devices", "a status result"),
+    "start": (
+        "start stopped, backed-off or fatal devices; answers once each is running or has failed",
+        "the devices' status objects",
+    ),
+    "stop": (
+        "stop devices (drain, SIGTERM, SIGKILL at `stop_timeout`)",
+        "the devices' status objects",
+    ),
+    "restart": ("stop then start devices; clears `fatal`", "the devices' status objects"),
+    "pause": (
+        "stop reading the device's input; answers once the loop has paused",
+        "its status object",
+    ),
+    "resume": ("read the device's input again", "its status object"),
+    "stats": ("the device loop's 8 counters, fresh from the loop when it runs", "a stats result"),
+    "add": (
+        "validate, start and keep a new device; nothing is kept if its first start fails",
+        "its status object",
+    ),
+    "remove": ("stop a device and forget it", "null"),
+    "reload": (
+        "re-read the manager's config file and apply the difference device by device",
+        "a reload result",
+    ),
+    "shutdown": ("stop every device, then the manager (which then exits 0)", "null"),
+}
+
 # ---- results -------------------------------------------------------------------------
 
 
 class LastExit(_Strict):
-    code: int | None
-    signal: int | None
-    reason: Reason
-    at: float
+    code: int | None = Field(description="the exit status; null when a signal ended it")
+    signal: int | None = Field(description="the number of the signal that ended it, or null")
+    reason: Reason = Field(description="why it ended")
+    at: float = Field(description="when, in unix seconds")
 
 
 class Stats(_Strict):
@@ -119,33 +157,42 @@ class Endpoints(_Strict):
 
 
 class DeviceStatus(_Strict):
-    name: str
-    kind: str
-    state: State
-    pid: int | None
-    uptime_s: float | None
-    restarts: int
-    last_exit: LastExit | None
-    cpu_percent: float | None
-    rss_bytes: int | None
-    num_fds: int | None
-    msgs_in: int
-    msgs_out: int
-    bytes_in: int
-    bytes_out: int
-    stats: Stats
-    endpoints: Endpoints
-    autostart: bool
-    message: str | None = None
+    name: str = Field(description="the device's name")
+    kind: str = Field(description="monitored_queue, queue, forwarder or streamer")
+    state: State = Field(description="its lifecycle state")
+    pid: int | None = Field(description="the process id; null when no process runs")
+    uptime_s: float | None = Field(
+        description="seconds since the process was started; null when no process runs"
+    )
+    restarts: int = Field(
+        description="automatic restarts so far (after a crash, a memory or an unresponsive "
+        "verdict); manual ones do not count"
+    )
+    last_exit: LastExit | None = Field(description="the last process's end; null until one")
+    cpu_percent: float | None = Field(
+        description="CPU use at the last health sample, in per cent of one core"
+    )
+    rss_bytes: int | None = Field(description="resident memory at the last health sample")
+    num_fds: int | None = Field(description="open file descriptors at the last health sample")
+    msgs_in: int = Field(description="messages received on the in-socket (in_msgs_received)")
+    msgs_out: int = Field(description="messages sent on the out-socket (out_msgs_sent)")
+    bytes_in: int = Field(description="bytes of those messages received on the in-socket")
+    bytes_out: int = Field(description="bytes of those messages sent on the out-socket")
+    stats: Stats = Field(description="all 8 counters of the loop's STATISTICS reply")
+    endpoints: Endpoints = Field(description="the device's sockets as configured")
+    autostart: bool = Field(description="whether the manager starts it at start-up")
+    message: str | None = Field(
+        default=None, description="why the last start failed (the OS error and endpoint)"
+    )
 
 
 class ManagerStatus(_Strict):
-    pid: int
-    uptime_s: float
-    version: str
-    config: str | None
-    control: str
-    events: str
+    pid: int = Field(description="the manager's process id")
+    uptime_s: float = Field(description="seconds since the manager started")
+    version: str = Field(description="devmgr's version")
+    config: str | None = Field(description="the config file; null for the embedded default")
+    control: str = Field(description="the control endpoint")
+    events: str = Field(description="the events endpoint")
 
 
 class StatusResult(_Strict):
@@ -159,10 +206,10 @@ class VersionResult(_Strict):
 
 
 class ReloadResult(_Strict):
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-    unchanged: list[str]
+    added: list[str] = Field(description="devices in the file and not running: started")
+    removed: list[str] = Field(description="devices running and not in the file: removed")
+    changed: list[str] = Field(description="devices whose table changed: restarted")
+    unchanged: list[str] = Field(description="devices left alone")
 
 
 # ---- replies -------------------------------------------------------------------------
@@ -201,20 +248,40 @@ EventTopic = Literal[
     "device.stopped",
 ]
 
+# topic -> (when it is published, the fields it carries beyond `event` and `at`);
+# docs/events.md is generated from these.
+EVENT_DOCS: dict[str, tuple[str, str]] = {
+    "manager.started": ("the manager is serving; autostart devices are starting", "pid, control"),
+    "manager.stopping": ("the manager begins its shutdown", ""),
+    "device.starting": ("a device process was started", "device, pid"),
+    "device.running": ("the device bound its sockets and its loop answered", "device, pid"),
+    "device.exited": ("the device process ended", "device, pid, code, signal, reason"),
+    "device.backoff": ("an automatic restart waits for its backoff delay", "device, delay"),
+    "device.fatal": (
+        "too many restarts within the window: the manager gives up on the device",
+        "device, reason (that of the last exit)",
+    ),
+    "device.unhealthy": (
+        "a health verdict: the manager kills the device and restarts it",
+        "device, pid, reason (memory or unresponsive)",
+    ),
+    "device.stopped": ("the device is stopped and stays so", "device"),
+}
+
 
 class Event(BaseModel):
     """A lifecycle event; details beyond the common fields depend on the topic."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    event: EventTopic
-    at: float
-    device: str | None = None
-    pid: int | None = None
-    code: int | None = None
-    signal: int | None = None
-    reason: str | None = None
-    delay: float | None = None
+    event: EventTopic = Field(description="the topic, repeated")
+    at: float = Field(description="when, in unix seconds")
+    device: str | None = Field(default=None, description="the device's name (device events)")
+    pid: int | None = Field(default=None, description="the process id")
+    code: int | None = Field(default=None, description="the exit status (device.exited)")
+    signal: int | None = Field(default=None, description="the signal number (device.exited)")
+    reason: str | None = Field(default=None, description="an exit reason or health verdict")
+    delay: float | None = Field(default=None, description="seconds until the restart")
 
 
 # schema file stem -> model; `python -m devmgr._schema` writes schemas/<stem>.schema.json

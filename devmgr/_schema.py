@@ -47,7 +47,7 @@ def config_schema() -> dict[str, Any]:
     return {
         "$schema": _DIALECT,
         "title": "devmgr config file",
-        "description": "The TOML config of devmgr (CONTRACT 3), as a JSON document. "
+        "description": "The TOML config of devmgr (docs/config.md), as a JSON document. "
         "Generated from devmgr._spec by `" + REGENERATE + "`.",
         **{k: v for k, v in schema.items() if k not in ("title", "description")},
     }

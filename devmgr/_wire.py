@@ -38,6 +38,22 @@ ErrorCode = Literal[
     "internal",
 ]
 ERROR_CODES: Final[tuple[ErrorCode, ...]] = get_args(ErrorCode)
+#: What each error code means (docs/protocol.md is generated from these words).
+ERROR_MEANINGS: Final[dict[ErrorCode, str]] = {
+    "bad_request": "the frame is not a request: not one frame, not JSON, not an object, "
+    "a missing or ill-typed field, a `v` other than the protocol version, or `args` the "
+    "command does not take",
+    "unknown_command": "`cmd` is not a command of this protocol",
+    "unknown_device": "a name in the request is not a device of this manager",
+    "invalid_spec": "a device spec (`add`) or the config file (`reload`) fails validation, "
+    "or a new device failed its first start for a reason other than a taken endpoint; "
+    "`message` lists every problem",
+    "conflict": "the request collides with the present state: a device of that name "
+    "exists, an endpoint is in use (by this manager or any other process), or the device "
+    "is not in a state that allows the command",
+    "too_large": f"the request frame is over {MAX_REQUEST_BYTES} bytes (1 MiB)",
+    "internal": "the manager failed to carry out a valid request; it goes on serving",
+}
 
 
 class State(StrEnum):
@@ -52,6 +68,20 @@ class State(StrEnum):
     FATAL = "fatal"
 
 
+#: What each state means (docs/protocol.md).
+STATE_MEANINGS: Final[dict[State, str]] = {
+    State.STARTING: "a process was started; it has not yet bound and connected every "
+    "socket and answered a PING through its loop",
+    State.RUNNING: "the process runs and its loop answers",
+    State.PAUSED: "running, but the loop reads no input (after `pause`)",
+    State.BACKOFF: "the process ended; an automatic restart waits for its backoff delay",
+    State.STOPPING: "asked to stop: draining, then SIGTERM, then SIGKILL at `stop_timeout`",
+    State.STOPPED: "no process, and none will be started without a `start`",
+    State.FATAL: "too many automatic restarts within the restart window; no more "
+    "restarts until a manual `start` or `restart`",
+}
+
+
 class Reason(StrEnum):
     """Why the last child process ended (``last_exit.reason``)."""
 
@@ -61,6 +91,18 @@ class Reason(StrEnum):
     UNRESPONSIVE = "unresponsive"
     START_FAILED = "start_failed"
     STOPPED = "stopped"
+
+
+#: What each exit reason means (docs/protocol.md).
+REASON_MEANINGS: Final[dict[Reason, str]] = {
+    Reason.EXITED: "the process exited by itself (`code` holds its exit status)",
+    Reason.KILLED: "a signal ended the process (`signal` holds its number) without a "
+    "stop or a health verdict of the manager's",
+    Reason.MEMORY: "the manager killed it: its resident size was above `max_rss_mb`",
+    Reason.UNRESPONSIVE: "the manager killed it: its loop did not answer within `ping_timeout`",
+    Reason.START_FAILED: "the device could not bind, connect or configure a socket",
+    Reason.STOPPED: "a requested stop (`stop`, `restart`, `remove`, `reload`, shutdown)",
+}
 
 
 # ---- the device control channel's STATISTICS reply (docs/protocol.md) ---------------

@@ -1,4 +1,4 @@
-"""The control protocol (CONTRACT 4, 5.1) over raw DEALER and REQ sockets, real manager."""
+"""The control protocol (docs/protocol.md) over raw DEALER and REQ sockets, real manager."""
 
 from __future__ import annotations
 
