@@ -191,7 +191,14 @@ class Fleet:
         multiprocessing starts a new forkserver silently when the old one is gone; a child
         told the old pid would take the new parent for a sign that the manager died.
         """
-        multiprocessing.forkserver.ensure_running()
+        # A terminal's hang-up reaches the whole process group, and every device dies
+        # with the forkserver: start it (and the resource tracker it starts) with SIGHUP
+        # blocked, a mask both inherit through fork and exec and never unblock.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         server = multiprocessing.forkserver._forkserver
         self._forkserver_pid = getattr(server, "_forkserver_pid", None) or 0
 

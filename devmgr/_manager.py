@@ -35,6 +35,16 @@ log = logging.getLogger("devmgr")
 
 Done = Callable[[Any, ControlError | None], None]
 
+#: Signals on which `run()` drains every device and returns (the manager exits 0).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals whose default action would end the manager with no drain: `run()` logs and
+#: ignores them. (SIGQUIT, SIGTRAP, SIGSYS, SIGXCPU keep their core-dumping defaults.)
+IGNORED_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR")
+    if hasattr(signal, name)
+)
+
 
 def _gather(count: int, done: Done, result: Callable[[], Any]) -> Done:
     """Return a callback that calls `done(result())` after `count` calls (first error wins)."""
@@ -85,6 +95,7 @@ class Manager:
         self._shutdown_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._in_run = False
+        self._signals_live = False  # run()'s handlers act only while the manager is up
         self._stopping_emitted = False
         self._bound_paths: list[Path] = []  # ipc files this manager created, to remove
         #: Called on the loop thread with (topic, event) for every lifecycle event; it
@@ -308,25 +319,101 @@ class Manager:
             shutil.rmtree(self._rundir, ignore_errors=True)
 
     def run(self) -> None:
-        """Run in the foreground until SIGTERM, SIGINT or a `shutdown` command."""
+        """Run in the foreground until SIGTERM, SIGINT or a `shutdown` command.
+
+        From the main thread it also handles the signals listed in README "Signals":
+        SIGTERM and SIGINT drain and stop (repeats are ignored), SIGHUP re-reads the
+        config file as `reload` does, and stray SIGUSR1, SIGUSR2 and the like are logged
+        and ignored instead of killing the manager. The previous handlers come back on
+        return. The forkserver and resource tracker started for the devices are stopped
+        (and waited for) before it returns, so nothing it started outlives it.
+        """
         self._in_run = True
         from devmgr._notify import SdNotify
+        from devmgr._spawn import helper_pids, stop_helpers
 
         self._notify = SdNotify()  # the service: tell systemd (when it asked)
         in_main = threading.current_thread() is threading.main_thread()
         previous: dict[int, Any] = {}
+        helpers_before = helper_pids()
         if in_main:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda s, f: self._shutdown_requested.set())
+            previous = self._install_signal_handlers()
         try:
             self.start()
+            self._signals_live = True
             while not self._shutdown_requested.wait(0.5):
                 if not self.running:
                     break
         finally:
+            self._signals_live = False
             self.stop()
+            stop_helpers([pid for pid in helper_pids() if pid not in helpers_before])
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Install run()'s handlers (main thread only); return the previous ones."""
+        previous: dict[int, Any] = {}
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, self._on_stop_signal)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
+        for sig in IGNORED_SIGNALS:
+            previous[sig] = signal.signal(sig, self._on_ignored_signal)
+        return previous
+
+    # Signal handlers run in the main thread between two bytecodes, maybe inside a
+    # logging call or a lock: they only set a flag or hand work to the loop thread.
+
+    def _from_signal(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or not self._signals_live:
+            return  # starting or stopping: nothing to hand the work to
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        if self._shutdown_requested.is_set():
+            return  # a repeat during the drain changes nothing: exit 0 still
+        self._shutdown_requested.set()
+        name = signal.Signals(signum).name
+        self._from_signal(lambda: log.info("%s: stopping every device, then the manager", name))
+
+    def _on_reload_signal(self, _signum: int, _frame: Any) -> None:
+        if self._shutdown_requested.is_set():
+            return
+        self._from_signal(self._reload_on_signal)
+
+    def _on_ignored_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self._from_signal(
+            lambda: log.warning(
+                "%s ignored (devmgr acts on SIGTERM, SIGINT and SIGHUP; see README Signals)",
+                name,
+            )
+        )
+
+    def _reload_on_signal(self) -> None:
+        """SIGHUP, on the loop: what `devmgr reload` does, with the outcome logged."""
+        source = str(self.config.path) if self.config.path else "embedded default"
+        log.info("SIGHUP: reloading the config (%s)", source)
+
+        def done(result: Any, error: ControlError | None) -> None:
+            if error is not None:
+                log.error("SIGHUP: reload failed, the config in use stays: %s", error.message)
+                return
+            summary = "; ".join(
+                f"{key} {', '.join(names) if names else '-'}"
+                for key, names in result.items()
+                if key != "unchanged"
+            )
+            log.info("SIGHUP: reloaded: %s; %d unchanged", summary, len(result["unchanged"]))
+
+        try:
+            self.op_reload(None, done)
+        except ControlError as exc:
+            done(None, exc)
 
     # ---- plumbing -----------------------------------------------------------------------
 

@@ -88,12 +88,21 @@ def start_main(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     setup_logging(args.log_level, args.log_format)
-    from devmgr._manager import Manager
     from devmgr._proctitle import set_process_title
 
     # Only the command names its process: an application embedding a Manager keeps its own.
     set_process_title(manager_title(config.path))
 
+    import signal
+
+    from devmgr._manager import IGNORED_SIGNALS, STOP_SIGNALS, Manager
+
+    # What run() restores when it returns: ignoring, so a SIGTERM that repeats until we
+    # are gone (or a late SIGHUP) cannot turn the exit 0 after the drain into -15 while
+    # the interpreter shuts down. run() has its own handlers in place before it starts
+    # any child, so no child inherits these.
+    for sig in (*STOP_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
     manager = Manager(config)
     try:
         manager.run()
