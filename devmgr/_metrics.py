@@ -33,8 +33,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -260,17 +260,101 @@ def _device_samples(fam: _Families, dev: Mapping[str, Any]) -> None:
             family.add_metric([name], value)
 
 
+# Bounds of the HTTP server (issue 11 part 4): at most this many connections are served
+# at once, each by its own thread; one more is answered 503 at once and closed. A client
+# gets `IDLE_TIMEOUT` per read or write and `REQUEST_DEADLINE` in all, so an idle, a
+# half-sent (slowloris) or a never-reading connection holds a slot and an fd that long.
+MAX_CONNECTIONS = 16
+IDLE_TIMEOUT = 5.0
+REQUEST_DEADLINE = 10.0
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 5\r\nConnection: close\r\nRetry-After: 1\r\n\r\nbusy\n"
+)
+
+
 class _QuietHandler(WSGIRequestHandler):
     """Log requests at debug level instead of printing each one to stderr."""
+
+    timeout = IDLE_TIMEOUT  # StreamRequestHandler applies it to the connection
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics %s - %s", self.address_string(), format % args)
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    """One thread per request, so a slow collect() cannot hold up a health probe."""
+class _Server(WSGIServer):
+    """A thread per connection, at most `max_connections` at once, each with a deadline.
+
+    A slow collect() cannot hold up a health probe (each request has its own thread), and
+    no client can make the server hold more than `max_connections` threads and fds: the
+    serving thread refuses one more with a 503, and closes (shutdown(2), which the
+    handler thread sees as an error) any connection past its deadline.
+    """
 
     daemon_threads = True
+    request_queue_size = 64
+    max_connections = MAX_CONNECTIONS
+    request_deadline = REQUEST_DEADLINE
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines_lock = threading.Lock()
+        self.refused = 0  # connections answered 503 because every slot was taken
+        self.timed_out = 0  # connections closed at their deadline
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + self.request_deadline
+        try:
+            threading.Thread(
+                target=self._serve_one,
+                args=(request, client_address),
+                name="devmgr-metrics-request",
+                daemon=True,
+            ).start()
+        except RuntimeError:  # no thread to be had: drop this one, keep serving
+            self._done(request)
+            self.shutdown_request(request)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._done(request)
+            self.shutdown_request(request)
+
+    def _done(self, request: Any) -> None:
+        with self._deadlines_lock:
+            if self._deadlines.pop(request, None) is None:
+                return
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever at each poll_interval: close overdue connections."""
+        now = time.monotonic()
+        with self._deadlines_lock:
+            overdue = [r for r, deadline in self._deadlines.items() if deadline <= now]
+            for request in overdue:
+                self._deadlines[request] = now + 3600.0  # once; the handler releases it
+        for request in overdue:
+            self.timed_out += 1
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A scraper hanging up mid-response is not the manager's problem.
@@ -285,8 +369,19 @@ class MetricsServer:
         collect: returns the manager's status plus "alive" (see the module docstring).
     """
 
-    def __init__(self, address: str, collect: Collect) -> None:
+    def __init__(
+        self,
+        address: str,
+        collect: Collect,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        request_deadline: float = REQUEST_DEADLINE,
+    ) -> None:
         self.address = address
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.request_deadline = request_deadline
         self._host, self._port = parse_address(address)
         self._collect = collect
         self.registry = CollectorRegistry()
@@ -321,9 +416,14 @@ class MetricsServer:
 
             class Server(_Server):
                 address_family = family
+                max_connections = self.max_connections
+                request_deadline = self.request_deadline
+
+            class Handler(_QuietHandler):
+                timeout = self.idle_timeout
 
             httpd = make_server(
-                str(sockaddr[0]), self._port, self._app, Server, handler_class=_QuietHandler
+                str(sockaddr[0]), self._port, self._app, Server, handler_class=Handler
             )
         except OSError as exc:
             raise DevmgrError(
