@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import zmq
 
 from devmgr import _core
-from devmgr._paths import unix_socket_in_use
+from devmgr._paths import IpcPathTaken, safe_bind, unlink_if_ours
 from devmgr._proctitle import set_process_title
 
 # Exit status of a child whose sockets could not be set up (sysexits' EX_CONFIG).
@@ -100,8 +100,15 @@ def _drop_forkserver_fds() -> None:
             setattr(owner, attr, None)
 
 
-def _build(ctx: zmq.Context[zmq.Socket[bytes]], side: str, plan: SocketPlan) -> zmq.Socket[bytes]:
+def _build(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    side: str,
+    plan: SocketPlan,
+    bound: list[tuple[str, tuple[int, int] | None]],
+) -> zmq.Socket[bytes]:
+    """Make one socket of the plan; the ipc files it binds are added to `bound`."""
     sock = ctx.socket(plan.zmq_type)
+    mine: list[tuple[str, tuple[int, int] | None]] = []
     where = f"{side}.options"
     try:
         for opt, value in plan.options:
@@ -110,19 +117,26 @@ def _build(ctx: zmq.Context[zmq.Socket[bytes]], side: str, plan: SocketPlan) -> 
             sock.setsockopt(zmq.SUBSCRIBE, b"")  # a SUB device input forwards everything
         for endpoint in plan.bind:
             where = f"{side}.bind {endpoint}"
-            if endpoint.startswith("ipc://") and unix_socket_in_use(endpoint[len("ipc://") :]):
-                # libzmq would unlink the other process's socket file and bind anyway
-                raise zmq.ZMQError(errno_mod.EADDRINUSE)
-            sock.bind(endpoint)
+            # libzmq would unlink whatever is at an ipc path: a file, another's socket
+            ipc_file = safe_bind(sock, endpoint)
+            if ipc_file is not None:
+                mine.append(ipc_file)
         for endpoint in plan.connect:
             where = f"{side}.connect {endpoint}"
             sock.connect(endpoint)
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, OSError, TypeError, ValueError, OverflowError) as exc:
         sock.close(linger=0)
-        raise _StartFailure(where, exc.errno, exc.strerror) from exc
-    except (TypeError, ValueError, OverflowError) as exc:  # a bad option value at run time
-        sock.close(linger=0)
+        for path, file_id in mine:
+            unlink_if_ours(path, file_id)
+        if isinstance(exc, IpcPathTaken):
+            raise _StartFailure(where, exc.errno, exc.strerror or str(exc)) from exc
+        if isinstance(exc, zmq.ZMQError):
+            raise _StartFailure(where, exc.errno, exc.strerror) from exc
+        if isinstance(exc, OSError):
+            raise _StartFailure(where, exc.errno, exc.strerror or str(exc)) from exc
+        # a bad option value at run time
         raise _StartFailure(where, errno_mod.EINVAL, str(exc)) from exc
+    bound.extend(mine)
     return sock
 
 
@@ -164,14 +178,15 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
     ctrl.setsockopt(zmq.LINGER, 1000)
     ctrl.connect(ctrl_endpoint)
     sockets: list[zmq.Socket[bytes]] = []
+    bound: list[tuple[str, tuple[int, int] | None]] = []  # ipc files to remove at the end
     status = 0
     try:
         try:
-            ins = _build(ctx, "in", plan.in_)
+            ins = _build(ctx, "in", plan.in_, bound)
             sockets.append(ins)
-            outs = _build(ctx, "out", plan.out)
+            outs = _build(ctx, "out", plan.out, bound)
             sockets.append(outs)
-            mons = _build(ctx, "mon", plan.mon) if plan.mon is not None else None
+            mons = _build(ctx, "mon", plan.mon, bound) if plan.mon is not None else None
             if mons is not None:
                 sockets.append(mons)
         except _StartFailure as failure:
@@ -205,8 +220,13 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
         # Linger lets what the loop already handed to libzmq reach the peers.
         for sock in sockets:
             sock.close(linger=plan.linger_ms)
-        ctrl.close(linger=200)
+        # A FAILED report is the manager's only word on why: under load the connection
+        # may not be up yet after 200 ms, and a lost report reads as a bare exit 78.
+        ctrl.close(linger=2000 if status == EXIT_START_FAILED else 200)
         ctx.term()
+        # With ZMQ_USE_FD libzmq leaves the files to us; only still-ours ones go.
+        for path, file_id in bound:
+            unlink_if_ours(path, file_id)
         wake_r.close()
         wake_w.close()
         sys.stdout.flush()

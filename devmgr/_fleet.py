@@ -33,6 +33,7 @@ from devmgr import _child
 from devmgr._devices import STAT_KEYS, parse_stats
 from devmgr._errors import ControlError, DevmgrError
 from devmgr._loop import EventLoop, Timer
+from devmgr._paths import safe_bind, unlink_if_ours
 from devmgr._procstat import ProcSampler
 from devmgr._spawn import DeviceProcess
 from devmgr._spec import DEFAULT_DRAIN_QUIET, DeviceSpec, SocketSpec, drain_budget
@@ -159,6 +160,7 @@ class Fleet:
         self._health_timer: Timer | None = None
         self._ctrl: zmq.Socket[bytes] | None = None
         self._ctrl_endpoint = f"ipc://{rundir / 'ctl'}"
+        self._ctrl_file: tuple[str, tuple[int, int] | None] | None = None
         self._by_ident: dict[bytes, Device] = {}
 
     # ---- set-up ---------------------------------------------------------------------
@@ -177,8 +179,8 @@ class Fleet:
         try:
             ctrl.setsockopt(zmq.LINGER, 0)
             ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone child fails at once
-            ctrl.bind(self._ctrl_endpoint)
-        except zmq.ZMQError as exc:
+            self._ctrl_file = safe_bind(ctrl, self._ctrl_endpoint, mode=0o600)
+        except (zmq.ZMQError, OSError) as exc:
             ctrl.close(linger=0)
             raise DevmgrError(f"cannot bind {self._ctrl_endpoint}: {exc.strerror}") from exc
         self._ctrl = ctrl
@@ -302,7 +304,7 @@ class Fleet:
         if dev.sup.state in (State.RUNNING, State.PAUSED):
             return None
         failure = dev.failure or {}
-        if failure.get("errno") == errno_mod.EADDRINUSE:
+        if failure.get("errno") in (errno_mod.EADDRINUSE, errno_mod.EEXIST):
             return ControlError("conflict", f"{dev.name}: {failure.get('message')}")
         message = failure.get("message") or (
             f"{dev.name} did not start ({dev.sup.state.value}"
@@ -711,6 +713,9 @@ class Fleet:
             self.loop.remove_reader(self._ctrl)
             self._ctrl.close(linger=0)
             self._ctrl = None
+        if self._ctrl_file is not None:
+            unlink_if_ours(*self._ctrl_file)
+            self._ctrl_file = None
 
 
 def _settled_after_start(dev: Device) -> bool:

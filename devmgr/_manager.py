@@ -25,7 +25,15 @@ from devmgr._config import load_config, parse_config
 from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
-from devmgr._paths import ensure_private_dir, ipc_path, runtime_dir, unix_socket_in_use
+from devmgr._paths import (
+    IpcPathTaken,
+    ensure_private_dir,
+    ipc_path,
+    make_dirs,
+    runtime_dir,
+    safe_bind,
+    unlink_if_ours,
+)
 from devmgr._protocol import RawJSON
 from devmgr._spec import DeviceSpec, ManagerConfig
 from devmgr._version import __version__
@@ -97,7 +105,8 @@ class Manager:
         self._in_run = False
         self._signals_live = False  # run()'s handlers act only while the manager is up
         self._stopping_emitted = False
-        self._bound_paths: list[Path] = []  # ipc files this manager created, to remove
+        # ipc files this manager bound (path, (st_dev, st_ino)), to remove if still ours
+        self._bound_paths: list[tuple[str, tuple[int, int] | None]] = []
         #: Called on the loop thread with (topic, event) for every lifecycle event; it
         #: must return quickly and must not call this Manager's methods.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -143,10 +152,10 @@ class Manager:
         self._loop = EventLoop()
         try:
             # Events tell who runs what where: with CURVE they are as private as control.
-            self._events = self._bind(zmq.PUB, settings.events, curve=True)
+            self._events = self._bind(zmq.PUB, settings.events, "manager.events", curve=True)
             from devmgr._control import ControlServer
 
-            ctrl_sock = self._bind(zmq.ROUTER, settings.control, curve=True)
+            ctrl_sock = self._bind(zmq.ROUTER, settings.control, "manager.control", curve=True)
             self._control = ControlServer(self, ctrl_sock)
             self._fleet = Fleet(
                 self._loop,
@@ -224,27 +233,23 @@ class Manager:
         status["alive"] = alive
         return status
 
-    def _bind(self, kind: int, endpoint: str, curve: bool = False) -> zmq.Socket[bytes]:
+    def _bind(self, kind: int, endpoint: str, place: str, curve: bool = False) -> zmq.Socket[bytes]:
         assert self._ctx is not None
         sock = self._ctx.socket(kind)
+        bound = None
         try:
             sock.setsockopt(zmq.LINGER, 1000)
             path = ipc_path(endpoint)
-            if path is not None:
+            if path is not None and not str(path).startswith(("@", "*")):
                 if not path.is_absolute():
-                    raise DevmgrError(f"{endpoint}: ipc paths must be absolute")
+                    raise DevmgrError(f"{place}: {endpoint}: ipc paths must be absolute")
                 try:
                     if path.parent == runtime_dir():
                         ensure_private_dir(path.parent)
                     else:
-                        path.parent.mkdir(parents=True, exist_ok=True)
+                        make_dirs(path.parent)
                 except OSError as exc:
-                    raise DevmgrError(f"{endpoint}: {exc}") from exc
-                if path.exists() and unix_socket_in_use(path):
-                    raise DevmgrError(
-                        f"{endpoint} is in use: another manager is running there "
-                        "(stop it first, or give this one another endpoint)"
-                    )
+                    raise DevmgrError(f"{place}: {endpoint}: {exc}") from exc
             if curve and self.config.manager.curve is not None:
                 from devmgr._security import enable_curve_server
 
@@ -254,15 +259,21 @@ class Manager:
                 # by libzmq before they can cost the manager memory.
                 sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
             try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as exc:
-                raise DevmgrError(f"cannot bind {endpoint}: {exc.strerror}") from exc
+                bound = safe_bind(sock, endpoint, mode=0o600)
+            except IpcPathTaken as exc:
+                raise DevmgrError(
+                    f"{place}: cannot bind {endpoint}: {exc.strerror} (stop what runs "
+                    "there, or give this manager another endpoint)"
+                ) from exc
+            except (zmq.ZMQError, OSError) as exc:
+                raise DevmgrError(f"{place}: cannot bind {endpoint}: {exc.strerror}") from exc
         except BaseException:
             sock.close(linger=0)  # an open socket would make ctx.term() wait for ever
+            if bound is not None:
+                unlink_if_ours(*bound)
             raise
-        if path is not None:
-            self._bound_paths.append(path)
-            os.chmod(path, 0o600)
+        if bound is not None:
+            self._bound_paths.append(bound)
         return sock
 
     def stop(self, timeout: float | None = None) -> None:
@@ -309,11 +320,8 @@ class Manager:
             self._loop.close()
         # Only the files this manager bound: a manager that failed to start because
         # another one runs there must not delete that one's sockets.
-        for path in self._bound_paths:
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        for path, ident in self._bound_paths:
+            unlink_if_ours(path, ident)
         self._bound_paths.clear()
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)

@@ -7,7 +7,7 @@ endpoint from here on every `devmgr status`, and each import is start-up time.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,6 +43,33 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def make_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> None:
+    """Create `path` and its missing parents, each created one with exactly `mode`.
+
+    mkdir's mode is cut by the umask (so 0777 under umask 000 is what `mkdir -p` gives);
+    every folder devmgr creates is set to `mode` through its own fd, not its path.
+    Folders that exist already are left as they are.
+    """
+    path = os.path.abspath(os.fspath(path))
+    missing: list[str] = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, mode & 0o700)  # never wider than ours while it is made
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to chmod
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
 def default_control_endpoint() -> str:
     return f"ipc://{os.path.join(_runtime_dir_str(), 'control')}"
 
@@ -60,23 +87,159 @@ def ipc_path(endpoint: str) -> Path | None:
     return None
 
 
-def unix_socket_in_use(path: str | os.PathLike[str]) -> bool:
-    """Return True when a process accepts connections on the unix socket at `path`.
+class IpcPathTaken(OSError):
+    """Something devmgr must not replace is at an ipc path: a file, a folder, a link, a
+    socket that is (or may be) in use. `errno` is EADDRINUSE for a socket, else EEXIST."""
 
-    libzmq's ipc bind unlinks an existing socket file and binds anyway, silently cutting
-    off whoever listened there; devmgr asks first.
+
+def _describe_existing(path: str) -> tuple[int, str] | None:
+    """Say what occupies `path` and why it stays; None once a proven-dead socket is gone.
+
+    Only a unix socket whose connect is refused (ECONNREFUSED: nobody listens) is
+    removed. A timeout or a full backlog (EAGAIN: a stopped or busy listener) proves
+    nothing, so such a socket is kept, as is anything that is not a socket.
     """
+    import errno
     import socket
+    import stat
 
-    path = os.fspath(path)
-    if path.startswith(("@", "*")) or not os.path.exists(path):
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
     try:
-        probe.connect(path)
-    except OSError:
-        return False
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    mode = before.st_mode
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    for test, what in kinds:
+        if test(mode):
+            return errno.EEXIST, f"{path} is {what}: devmgr replaces nothing but a dead socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        code = probe.connect_ex(path)
     finally:
         probe.close()
-    return True
+    if code in (0, errno.EINPROGRESS):
+        return errno.EADDRINUSE, f"{path} is in use: a process listens on that socket"
+    if code == errno.EAGAIN:
+        return errno.EADDRINUSE, (
+            f"{path} is in use: a process listens on that socket (its backlog is full: "
+            "it is busy or stopped)"
+        )
+    if code != errno.ECONNREFUSED:
+        return errno.EADDRINUSE, (
+            f"{path} is a socket devmgr cannot tell is unused ({os.strerror(code)}): "
+            "remove it if nothing uses it"
+        )
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+            os.unlink(path)  # refused: nobody listens, a left-over of a process that died
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return errno.EADDRINUSE, f"{path} is a dead socket devmgr cannot remove: {exc.strerror}"
+    return None
+
+
+def bind_unix_listener(
+    path: str, backlog: int = 100, mode: int | None = None
+) -> tuple[int, tuple[int, int] | None]:
+    """Bind and listen on a unix stream socket at `path`; return (fd, (st_dev, st_ino)).
+
+    Unlike libzmq's ipc bind, which unlinks whatever is at the path first, this replaces
+    only a socket proven dead. bind(2) itself never replaces anything, so no check-then-
+    act window lets a file appear and be deleted. The fd is meant for ZMQ_USE_FD; the
+    identity (None for an abstract `@name`) lets the owner unlink only its own file.
+    `mode` (less the umask) is the file's mode from the start: Linux takes a socket
+    file's mode from the socket's inode, so no chmod after the fact leaves a window.
+
+    Raises:
+        IpcPathTaken: something that must stay is at `path`.
+        OSError: any other bind error (a missing folder, a permission).
+    """
+    import errno
+    import socket
+
+    abstract = path.startswith("@")
+    address = "\0" + path[1:] if abstract else path
+    for attempt in range(3):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if mode is not None:
+                os.fchmod(sock.fileno(), mode)
+            sock.bind(address)
+            sock.listen(backlog)
+            ident = None
+            if not abstract:
+                st = os.lstat(path)
+                ident = (st.st_dev, st.st_ino)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if abstract:
+                raise IpcPathTaken(errno.EADDRINUSE, f"{path} is in use") from None
+            taken = _describe_existing(path)
+            if taken is not None:
+                raise IpcPathTaken(*taken) from None
+            if attempt == 2:
+                raise IpcPathTaken(errno.EADDRINUSE, f"{path} is taken again and again") from None
+            continue
+        return sock.detach(), ident
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def unlink_if_ours(path: str | os.PathLike[str], ident: tuple[int, int] | None) -> None:
+    """Remove the socket file at `path` if it is still the one we bound (same inode)."""
+    if ident is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def safe_bind(
+    sock: Any, endpoint: str, mode: int | None = None
+) -> tuple[str, tuple[int, int] | None] | None:
+    """Bind the zmq socket `sock` to `endpoint` without libzmq unlinking anything.
+
+    For ipc:// (but for `ipc://*`, a fresh path of libzmq's own) devmgr binds the unix
+    socket itself and hands libzmq the listening fd (ZMQ_USE_FD), so libzmq neither
+    unlinks the path before binding nor after closing; `mode` is the socket file's
+    mode (see bind_unix_listener). Returns (path, identity) of an
+    ipc file it bound, for `unlink_if_ours` at the end, else None.
+
+    Raises:
+        IpcPathTaken: the ipc path holds something that must stay.
+        OSError: the unix socket could not be bound (missing folder, permission).
+        zmq.ZMQError: libzmq refused the endpoint.
+    """
+    import zmq
+
+    path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+    if path is None or path == "*":
+        sock.bind(endpoint)
+        return None
+    backlog = max(1, int(sock.getsockopt(zmq.BACKLOG)))
+    fd, ident = bind_unix_listener(path, backlog=backlog, mode=mode)
+    try:
+        sock.setsockopt(zmq.USE_FD, fd)
+        try:
+            sock.bind(endpoint)
+        finally:
+            sock.setsockopt(zmq.USE_FD, -1)  # it applies to every later bind of sock
+    except BaseException:
+        os.close(fd)
+        unlink_if_ours(path, ident)
+        raise
+    return path, ident

@@ -165,11 +165,23 @@ _DRAFT_OPTIONS = _words(
 )
 
 
+#: Options libzmq takes but a config (or a control client) must never set.
+_REFUSED = {
+    # libzmq adopts the given number as an already bound socket: in a device child it is
+    # one of devmgr's own fds (or none, and libzmq aborts the child)
+    "use_fd": "use_fd makes libzmq adopt an inherited file descriptor: devmgr refuses it "
+    "(bind the endpoint instead)",
+}
+
+
 def _unavailable_reason(name: str) -> str | None:
-    """Say why this libzmq build refuses option `name` on every socket, else None.
+    """Say why option `name` cannot be set on any socket (this libzmq build refuses it,
+    or devmgr does), else None.
 
     Checked against the real libzmq by tests/test_spec.py.
     """
+    if name in _REFUSED:
+        return _REFUSED[name]
     if name in _READ_ONLY:
         return f"{name} is read-only: it cannot be set"
     if name == "hwm":
@@ -219,7 +231,7 @@ def _ranges(low: int, names: str, high: int = _INT_MAX) -> dict[str, tuple[int, 
 
 #: Inclusive (min, max) of integer options where libzmq refuses part of the C range.
 _INT_RANGES: dict[str, tuple[int, int]] = {
-    **_ranges(-1, "linger sndbuf rcvbuf rcvtimeo sndtimeo reconnect_ivl use_fd"),
+    **_ranges(-1, "linger sndbuf rcvbuf rcvtimeo sndtimeo reconnect_ivl"),
     **_ranges(-1, "tcp_keepalive_cnt tcp_keepalive_idle tcp_keepalive_intvl"),
     **_ranges(0, "sndhwm rcvhwm reconnect_ivl_max backlog tos heartbeat_ivl recovery_ivl"),
     **_ranges(0, "heartbeat_timeout handshake_ivl connect_timeout tcp_maxrt"),
