@@ -35,6 +35,11 @@ def control_endpoint_of(config_path: str | os.PathLike[str]) -> str:
     Raises:
         ConfigError: the file cannot be read or is not TOML.
     """
+    return _control_of(config_path)[0]
+
+
+def _control_of(config_path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Return (control endpoint, whether the file sets it) of a config file."""
     from pathlib import Path  # only when a config file is involved: ~5 ms of start-up
 
     path = Path(config_path)
@@ -49,13 +54,13 @@ def control_endpoint_of(config_path: str | os.PathLike[str]) -> str:
     if control is None:
         from devmgr._paths import default_control_endpoint
 
-        return default_control_endpoint()
+        return default_control_endpoint(), False
     if not isinstance(control, str):
         raise ConfigError(f"{path}: manager.control must be a string")
     relative = control[len("ipc://") :]
     if control.startswith("ipc://") and relative and not relative.startswith(("/", "@", "*")):
         control = f"ipc://{(path.parent / relative).absolute()}"
-    return control
+    return control, True
 
 
 def _parse_manager_control(path: Path, raw: bytes) -> object:
@@ -128,21 +133,42 @@ def resolve_endpoint(endpoint: str | None = None, config: str | None = None) -> 
     In order: `endpoint`; the control endpoint of the `config` file; $DEVMGR_ENDPOINT;
     that of $DEVMGR_CONFIG or ./devmgr.toml; the default ipc endpoint in the runtime dir.
     """
+    return resolve_endpoint_source(endpoint, config)[0]
+
+
+def resolve_endpoint_source(
+    endpoint: str | None = None, config: str | None = None
+) -> tuple[str, str]:
+    """Return (control endpoint, how it was found), as resolve_endpoint finds it.
+
+    The second item says in words where the endpoint came from, for error messages:
+    "given with -e", "[manager] control of -c FILE", "$DEVMGR_ENDPOINT", ...
+    """
     if endpoint:
-        return connectable(endpoint)
+        return connectable(endpoint), "given with -e"
+
+    def of_file(path: str, named: str) -> tuple[str, str]:
+        control, set_there = _control_of(path)
+        if set_there:
+            return connectable(control), f"[manager] control of {named}"
+        return connectable(control), f"the default, as {named} sets no [manager] control"
+
     if config:
-        return connectable(control_endpoint_of(config))
+        return of_file(config, f"-c {config}")
     env = os.environ.get("DEVMGR_ENDPOINT")
     if env:
-        return connectable(env)
+        return connectable(env), "$DEVMGR_ENDPOINT"
     env_config = os.environ.get("DEVMGR_CONFIG")
     if env_config:
-        return connectable(control_endpoint_of(env_config))
+        return of_file(env_config, f"$DEVMGR_CONFIG ({env_config})")
     if os.path.exists("devmgr.toml"):
-        return connectable(control_endpoint_of("devmgr.toml"))
+        return of_file("devmgr.toml", "./devmgr.toml")
     from devmgr._paths import default_control_endpoint
 
-    return default_control_endpoint()
+    return (
+        default_control_endpoint(),
+        "the default, as none of -e, -c, $DEVMGR_ENDPOINT, $DEVMGR_CONFIG, ./devmgr.toml names one",
+    )
 
 
 def connectable(endpoint: str) -> str:
@@ -299,6 +325,7 @@ class Client:
         payload = json.dumps(message).encode()
         transport = self._connection()
         why = f"no reply from a devmgr manager at {self.endpoint} in {wait:g}s"
+        listening: bool | None = None
         try:
             if transport.send(payload, deadline):
                 while True:
@@ -314,13 +341,20 @@ class Client:
                     if not isinstance(error, dict):
                         raise ControlError("internal", f"malformed error reply: {reply!r}")
                     raise ControlError(str(error.get("code")), str(error.get("message", "")))
+            if transport.reached:
+                listening = True
+                why += ": something listens there but did not answer (a stopped manager?)"
+        except _NothingListens as exc:
+            listening = False
+            why = f"no devmgr manager at {self.endpoint}: nothing listens there ({exc.why})"
         except _Unreachable as exc:
+            listening = True if transport.reached else None
             why = f"no reply from a devmgr manager at {self.endpoint}: {exc}"
         # A new connection drops the unanswered request from the queue, so a manager
         # that comes back later neither runs it nor answers into the next request.
         transport.close()
         self._transport = None
-        raise ManagerUnreachable(why)
+        raise ManagerUnreachable(why, listening=listening)
 
     # ---- one method per command ----------------------------------------------------------
 
@@ -419,7 +453,38 @@ class _Unreachable(Exception):
     """The transport gave up: nothing listens, the handshake failed, the peer left."""
 
 
+class _NothingListens(_Unreachable):
+    """Nothing listens at the endpoint: said at once, not after the timeout."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(why)
+
+
+def _probe(endpoint: str, deadline: float) -> bool:
+    """Return True when a connection to `endpoint` can be made (for the pyzmq transport,
+    whose connect() never says whether anything listens).
+
+    Raises:
+        _NothingListens: no socket file, a stale one, connection refused.
+    """
+    from devmgr import _zmtp
+
+    if not _zmtp.supported(endpoint):
+        return False
+    try:
+        _zmtp.probe(endpoint, deadline)
+    except _zmtp.NothingListens as exc:
+        raise _NothingListens(exc.why) from None
+    except (_zmtp.ZmtpTimeout, OSError):
+        return False  # undecided: let libzmq try for the whole timeout
+    return True
+
+
 class _Transport:
+    #: True once a connection was made (something listens at the endpoint).
+    reached = False
+
     def send(self, payload: bytes, deadline: float) -> bool:
         """Send one request frame; False when the deadline passed first."""
         raise NotImplementedError
@@ -441,21 +506,28 @@ class _ZmtpTransport(_Transport):
         self._dealer = ZmtpDealer(endpoint)
 
     def send(self, payload: bytes, deadline: float) -> bool:
-        from devmgr._zmtp import ConnectionLost, ZmtpError, ZmtpTimeout
+        from devmgr._zmtp import ConnectionLost, NothingListens, ZmtpError, ZmtpTimeout
 
         try:
             # A manager that restarted since the last request closed our connection.
             if self._dealer.connected and self._dealer.peer_closed():
                 self._dealer.close()
             if not self._dealer.connected:
+                self.reached = False
                 self._dealer.connect(deadline)
             self._dealer.send([payload], deadline)
         except ZmtpTimeout:
+            self.reached = self._dealer.reached
             return False
+        except NothingListens as exc:
+            raise _NothingListens(exc.why) from exc
         except ZmtpError as exc:
+            self.reached = self._dealer.reached
             raise _Unreachable(str(exc)) from exc
         except (ConnectionLost, OSError) as exc:
+            self.reached = self._dealer.reached
             raise _Unreachable(f"connection lost: {exc}") from exc
+        self.reached = True
         return True
 
     def recv(self, deadline: float) -> list[bytes] | None:
@@ -499,9 +571,13 @@ class _PyzmqTransport(_Transport):
             self._ctx.term()
             raise ConfigError(f"cannot connect to {endpoint!r}: {exc.strerror}") from exc
         self._sock = sock
+        self._endpoint = endpoint
 
     def send(self, payload: bytes, deadline: float) -> bool:
         zmq = self._zmq
+        # libzmq's connect() never fails for want of a listener; it would wait out the
+        # whole timeout. A plain connection first says at once when nothing listens.
+        self.reached = _probe(self._endpoint, deadline)
         # A DEALER queues to a pipe that exists from connect() on, so this waits only
         # when the queue is full (a manager that stopped reading).
         wait_ms = max(0, int((deadline - time.monotonic()) * 1000))

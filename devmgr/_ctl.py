@@ -15,19 +15,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from devmgr._client import Client, connectable, curve_from_env, resolve_endpoint
+from devmgr._client import Client, connectable, curve_from_env, resolve_endpoint_source
 from devmgr._errors import ConfigError, ControlError, ManagerUnreachable
 from devmgr._wire import EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+
+_HINT = (
+    "hint: a manager started with `devmgr start -c FILE` listens where FILE's [manager] "
+    "control says: find it with the same -c FILE (or -e ENDPOINT)"
+)
 
 
 def _err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    endpoint = resolve_endpoint(args.endpoint, args.config)
+def _client(args: argparse.Namespace) -> tuple[Client, str]:
+    endpoint, source = resolve_endpoint_source(args.endpoint, args.config)
     curve = curve_from_env(args.curve_client, args.curve_server)
-    return Client(endpoint, timeout=args.timeout, curve=curve)
+    return Client(endpoint, timeout=args.timeout, curve=curve), source
 
 
 def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
@@ -35,8 +40,10 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
     if args.timeout is not None and args.timeout <= 0:
         _err("--timeout must be positive")
         return EXIT_USAGE
+    source = ""
     try:
-        with _client(args) as client:
+        client, source = _client(args)
+        with client:
             return body(client)
     except ConfigError as exc:
         _err(str(exc))
@@ -46,6 +53,9 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
         return EXIT_ERROR_REPLY
     except ManagerUnreachable as exc:
         _err(str(exc))
+        print(f"  endpoint: {source}", file=sys.stderr)
+        if exc.listening is False and not (args.endpoint or args.config):
+            print(f"  {_HINT}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 

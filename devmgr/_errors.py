@@ -60,7 +60,16 @@ class ControlError(DevmgrError):
 
 
 class ManagerUnreachable(DevmgrError):
-    """No manager answered within the timeout."""
+    """No manager answered: nothing listens at the endpoint, or nothing answered in time.
+
+    `listening` is False when nothing listens there at all (no socket file, a stale one,
+    connection refused: said at once, without waiting for the timeout), True when
+    something accepted the connection but no answer came in time, None when unknown.
+    """
+
+    def __init__(self, message: str, *, listening: bool | None = None) -> None:
+        self.listening = listening
+        super().__init__(message)
 
 
 class DeviceStartError(DevmgrError):

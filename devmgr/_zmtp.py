@@ -21,7 +21,7 @@ GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b
 GREETING += b"\x00" * 32
 
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
-_RETRY_INTERVAL = 0.02  # between connection attempts while the manager is not there yet
+_RETRY_INTERVAL = 0.02  # between connection attempts while a listen backlog is full
 
 #: The largest message frame accepted from the peer. The manager's largest replies (the
 #: status of a few thousand devices) are a few MiB; a peer announcing more is refused
@@ -41,6 +41,45 @@ class ZmtpTimeout(Exception):
 
 class ConnectionLost(Exception):
     """The peer closed the connection."""
+
+
+class NothingListens(ZmtpError):
+    """Nothing listens at the endpoint (no socket file, a stale one, connection refused)."""
+
+    def __init__(self, endpoint: str, why: str) -> None:
+        self.why = why
+        super().__init__(f"nothing listens at {endpoint} ({why})")
+
+
+def _nothing_listens(endpoint: str, exc: OSError) -> NothingListens:
+    if isinstance(exc, FileNotFoundError):
+        why = "no such socket file"
+    elif endpoint.startswith("ipc://"):
+        why = "connection refused: a stale socket file, left by a manager that was killed?"
+    else:
+        why = "connection refused"
+    return NothingListens(endpoint, why)
+
+
+def probe(endpoint: str, deadline: float) -> None:
+    """Connect to `endpoint` and hang up at once: is anything listening there?
+
+    Raises:
+        NothingListens: no socket file, a stale one, or connection refused.
+        ZmtpTimeout: the connection was not made by the deadline (something may listen).
+        OSError: another error (permission denied, no route to the host...).
+    """
+    family, address = _address(endpoint)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise _nothing_listens(endpoint, exc) from None
+    except (TimeoutError, BlockingIOError):  # a full listen backlog: something is there
+        raise ZmtpTimeout(f"cannot connect to {endpoint}") from None
+    finally:
+        sock.close()
 
 
 def supported(endpoint: str) -> bool:
@@ -122,6 +161,8 @@ class ZmtpDealer:
         self._family, self._address = _address(endpoint)
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
+        #: True once the last connect() reached a listener (even if the handshake failed)
+        self.reached = False
 
     @property
     def connected(self) -> bool:
@@ -136,21 +177,29 @@ class ZmtpDealer:
     # ---- connection ----------------------------------------------------------------
 
     def connect(self, deadline: float) -> None:
-        """Connect and handshake, retrying while nothing listens, until `deadline`.
+        """Connect and handshake by `deadline`.
 
         Raises:
-            ZmtpTimeout: no handshake by the deadline.
+            NothingListens: at once, when nothing listens (no waiting for a manager to
+                appear: a client says so rather than hang for its whole timeout).
+            ZmtpTimeout: something listens but the handshake did not finish in time.
             ZmtpError: the peer wants another mechanism (CURVE) or is not ZMTP 3.
         """
+        self.reached = False
         while True:
             sock = socket.socket(self._family, socket.SOCK_STREAM)
             try:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.connect(self._address)
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                raise _nothing_listens(self.endpoint, exc) from None
+            except BlockingIOError:
+                # a unix socket's full listen backlog (EAGAIN): a live but busy or
+                # stopped listener; try again until the deadline
                 sock.close()
                 if time.monotonic() + _RETRY_INTERVAL >= deadline:
-                    raise ZmtpTimeout(f"nothing listens at {self.endpoint}") from None
+                    raise ZmtpTimeout(f"cannot connect to {self.endpoint}") from None
                 time.sleep(_RETRY_INTERVAL)
                 continue
             except TimeoutError:
@@ -160,6 +209,7 @@ class ZmtpDealer:
                 sock.close()
                 raise
             break
+        self.reached = True
         if self._family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock

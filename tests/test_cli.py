@@ -201,7 +201,7 @@ def test_exit_3_when_no_manager_answers(ipc_dir: Path) -> None:
         started = time.monotonic()
         done = run(ipc_dir, *argv, "-e", f"ipc://{ipc_dir}/nobody", "--timeout", "0.3")
         assert done.returncode == 3, (argv, done.stderr)
-        assert "no reply" in done.stderr
+        assert "nothing listens" in done.stderr
         assert time.monotonic() - started < 5
     # a CURVE manager without CURVE options: also no answer, with the reason
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
