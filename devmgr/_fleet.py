@@ -32,6 +32,7 @@ import zmq
 from devmgr import _child
 from devmgr._devices import STAT_KEYS, parse_stats
 from devmgr._errors import ControlError, DevmgrError
+from devmgr._fds import FdBudget
 from devmgr._loop import EventLoop, Timer
 from devmgr._paths import safe_bind, unlink_if_ours
 from devmgr._procstat import ProcSampler
@@ -162,6 +163,8 @@ class Fleet:
         self._ctrl_endpoint = f"ipc://{rundir / 'ctl'}"
         self._ctrl_file: tuple[str, tuple[int, int] | None] | None = None
         self._by_ident: dict[bytes, Device] = {}
+        # the soft fd limit as the manager left it at start (raised to the hard one)
+        self.fds = FdBudget()
 
     # ---- set-up ---------------------------------------------------------------------
 
@@ -426,6 +429,12 @@ class Fleet:
 
     def _spawn(self, dev: Device) -> None:
         if dev.removed:
+            return
+        refusal = self.fds.refusal()
+        if refusal is not None:  # a failed start, before it could cost a running device
+            log.error("could not start %s: %s", dev.name, refusal)
+            dev.failure = {"message": refusal, "errno": errno_mod.EMFILE, "errname": "EMFILE"}
+            self._act(dev, dev.sup.spawn_failed(refusal))
             return
         self._refresh_forkserver()  # one waitpid(WNOHANG) when it is alive
         dev.gen += 1

@@ -146,6 +146,9 @@ class Manager:
         settings = self.config.manager
         self._shutdown_requested.clear()
         self._stopping_emitted = False
+        from devmgr._fds import raise_nofile_limit
+
+        raise_nofile_limit()  # before the forkserver and devices, which inherit it
         base = ensure_private_dir(runtime_dir())
         self._rundir = ensure_private_dir(base / f"m{os.getpid()}")
         self._ctx = zmq.Context()
@@ -547,6 +550,9 @@ class Manager:
             raise ControlError("invalid_spec", str(exc)) from exc
         if spec.name in fleet.devices:
             raise ControlError("conflict", f"a device named {spec.name!r} exists already")
+        refusal = fleet.fds.check()
+        if refusal is not None:
+            raise ControlError("conflict", refusal)
         self._config_with({**fleet.specs(), spec.name: spec})  # cross-device checks
         dev = fleet.add_device(spec)
 

@@ -10,6 +10,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -29,7 +31,7 @@ from reliability.support import (
     write_config,
 )
 
-from devmgr import Client
+from devmgr import Client, ControlError
 from devmgr._metrics import MetricsServer
 
 from conftest import wait_until
@@ -209,3 +211,109 @@ def test_metrics_flood_cannot_abort_a_manager_short_of_fds(ipc_dir: Path) -> Non
             for sock in flood:
                 sock.close()
         assert mgr.terminate(timeout=15) == 0
+
+
+# ---- file descriptors ------------------------------------------------------------------------
+
+
+class _BoxedManager(ManagerProc):
+    """`devmgr start` started with RLIMIT_NOFILE set to (soft, hard), as `ulimit -n` does."""
+
+    def __init__(self, config_path: Path, *, control: str, nofile: tuple[int, int]) -> None:
+        super().__init__(config_path, control=control)
+        self.nofile = nofile
+
+    def start(self) -> _BoxedManager:
+        # set in the child's own Python before devmgr runs (preexec_fn is unsafe here)
+        boot = (
+            "import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, {self.nofile!r}); "
+            "sys.argv = ['devmgr', *sys.argv[1:]]; "
+            "runpy.run_module('devmgr', run_name='__main__', alter_sys=True)"
+        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", boot, "start", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+            )
+        return self
+
+
+def _nofile_of(pid: int) -> tuple[int, int]:
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)
+
+
+def _answers(control: str) -> bool:
+    with Client(control, timeout=5) as client:
+        return client.ping() == "pong"
+
+
+def test_soft_fd_limit_is_raised_and_add_is_refused_before_it_runs_out(ipc_dir: Path) -> None:
+    """Started under `ulimit -Sn 64` with a hard limit of 128, the manager raises its soft
+    limit to 128 (and logs it). Devices added one by one run until the next one would eat
+    into the fds kept for the manager: that `add` gets an error reply naming the limit,
+    nothing of it is kept, and every device already running keeps running (before, the
+    forkserver or the manager died of EMFILE and took every device with it)."""
+    config = {"manager": manager_settings(ipc_dir), "devices": {}}
+    path = write_config(ipc_dir / "fds.toml", config)
+    control = config["manager"]["control"]
+    with _BoxedManager(path, control=control, nofile=(64, 128)) as mgr:
+        wait_until(lambda: _answers(control), timeout=20, what="the manager to answer")
+        assert _nofile_of(mgr.pid) == (128, 128)
+        assert "raised the open file limit (RLIMIT_NOFILE) from 64 to 128" in mgr.log()
+        running: dict[str, int] = {}
+        refusal = None
+        with Client(control, timeout=20) as client:
+            for i in range(40):
+                name = f"d{i}"
+                spec = {"name": name, **pipeline_device(endpoints(ipc_dir, name))}
+                try:
+                    result = client.add(spec)
+                except ControlError as exc:
+                    refusal = exc
+                    break
+                assert result["state"] == "running", result
+                running[name] = result["pid"]
+            assert refusal is not None, f"40 devices started under a limit of 128: {running}"
+            assert "file descriptors" in refusal.message and "128" in refusal.message
+            assert len(running) >= 3
+            assert client.ping() == "pong"
+            devices = {d["name"]: d for d in client.status()["devices"]}
+        assert set(devices) == set(running)  # the refused one is not kept
+        assert {n: d["pid"] for n, d in devices.items()} == running
+        assert all(d["state"] == "running" and d["last_exit"] is None for d in devices.values())
+        assert mgr.terminate(timeout=20) == 0
+
+
+def test_fifty_devices_under_ulimit_64_do_not_abort_the_manager(ipc_dir: Path) -> None:
+    """`ulimit -n 64` (soft and hard) and a config of 50 devices: the manager starts what
+    fits, reports the others as failed starts with the reason, keeps answering, and stops
+    with exit 0 (it aborted in libzmq on EMFILE)."""
+    names = [f"d{i:02d}" for i in range(50)]
+    restart = {"policy": "on-failure", "max_restarts": 1, "backoff_initial": 0.05}
+    config = {
+        "manager": manager_settings(ipc_dir),
+        "devices": {n: pipeline_device(endpoints(ipc_dir, n), restart=restart) for n in names},
+    }
+    path = write_config(ipc_dir / "fifty.toml", config)
+    control = config["manager"]["control"]
+    with _BoxedManager(path, control=control, nofile=(64, 64)) as mgr:
+        wait_until(lambda: _answers(control), timeout=30, what="the manager to answer")
+
+        def settled() -> dict[str, dict[str, Any]]:
+            assert mgr.proc is not None and mgr.proc.poll() is None, mgr.log()[-3000:]
+            devices = mgr.devices()
+            states = {d["state"] for d in devices.values()}
+            assert states <= {"running", "fatal"}, states
+            return devices
+
+        devices = wait_until(settled, timeout=30, interval=0.1, what="every device settled")
+        up = [n for n, d in devices.items() if d["state"] == "running"]
+        down = [d for d in devices.values() if d["state"] == "fatal"]
+        assert up and down
+        assert all("file descriptors" in (d["message"] or "") for d in down), down[:2]
+        assert _answers(control)
+        assert mgr.terminate(timeout=30) == 0
