@@ -154,6 +154,10 @@ cdef int check_signals() except -1 with gil:
     return 0
 
 
+cdef int raise_os_error(int errnum) except -1 with gil:
+    raise OSError(errnum, os.strerror(errnum))
+
+
 cdef int raise_zmq(int errnum) except -1 with gil:
     if errnum == ENOMEM:
         raise MemoryError("devmgr's loop could not grow a frame buffer")
@@ -457,17 +461,20 @@ cdef int answer_terminates(Loop *L) except -1 nogil:
 
 
 cdef int handle_ctrl(Loop *L) except -1 nogil:
-    """Answer every command waiting on the control socket, draining or not.
+    """Answer up to BURST commands waiting on the control socket, draining or not.
 
+    The bound is the data sockets' own: a control peer that keeps sending cannot starve
+    forwarding, since the rest waits for the next wake-up (POLLIN stays set).
     While the loop drains, PING and STATISTICS are answered as usual, PAUSE and RESUME
     get ERROR (a draining loop reads its inputs whatever the pause state), and every
     TERMINATE is answered OK when the loop returns.
     """
     cdef FrameBuf *B = &L.ctrlbuf
-    cdef int rc, kind
+    cdef int rc, kind, n = 0
     cdef size_t i, env
     cdef zmq_msg_t *cmd
-    while True:
+    while n < BURST:
+        n += 1
         framebuf_clear(B)
         while True:
             if B.count == B.cap and framebuf_grow(B) < 0:
@@ -511,19 +518,33 @@ cdef int handle_ctrl(Loop *L) except -1 nogil:
                 start_terminating(L)
                 continue
         ctrl_send(L, kind, B.frames, env)
+    framebuf_clear(B)
+    return 0
 
 
 cdef int handle_signal_fd(Loop *L) except -1 nogil:
-    """Empty the wakeup fd, run Python's handlers, and (if asked) drain on SIGTERM/SIGINT."""
+    """Empty the wakeup fd, run Python's handlers, and (if asked) drain on SIGTERM/SIGINT.
+
+    End-of-file (every write end closed) leaves the fd readable for good: the loop stops
+    polling it rather than spin, and goes on. A read error other than EAGAIN is raised.
+    """
     cdef unsigned char data[64]
     cdef Py_ssize_t n, k
     cdef bint stop = False
+    cdef int e
     while True:
         n = read(L.signal_fd, data, sizeof(data))
-        if n < 0:
-            if errno == EINTR:
-                continue
+        if n == 0:
+            L.signal_fd = -1
+            L.items[SLOT_SIGNAL].fd = -1
             break
+        if n < 0:
+            e = errno
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                break
+            raise_os_error(e)
         for k in range(n):
             if data[k] == SIGTERM or data[k] == SIGINT:
                 stop = True
@@ -743,7 +764,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       PAUSE and RESUME -> ERROR (draining reads the inputs whatever the pause state),
       and each TERMINATE, the second included, -> OK just before the loop returns. Every
       command read gets exactly one reply; commands still queued when the drain ends
-      are read and answered before the OKs.
+      are read and answered (up to 1000 of them) before the OKs.
     - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): stop when everything
       read has been sent and the inputs give EAGAIN. When both directions are relayed
       (a ROUTER/DEALER queue), both must have stayed idle for `drain_quiet` seconds
@@ -755,6 +776,11 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       does not hold a drain: it reads both inputs.
     - `signal_fd` (-1 or None: none) must be non-blocking, like the fd given to
       signal.set_wakeup_fd (its read end, typically); a blocking one is a ValueError.
+      At end-of-file (its write end closed) the loop stops polling it and goes on; a
+      read error other than EAGAIN (EBADF, say) is raised as OSError.
+    - Fairness: each wake-up reads at most 1000 messages per data socket and 1000
+      commands from the control socket, so no peer, a chatty control peer included,
+      can starve the others.
     - `signal_fd` readable: read it out, run Python's signal handlers (raising what they
       raise), and, when `drain_on_signals` is true (the default, what a device process
       such as devmgr's child wants), drain and return on a SIGTERM or SIGINT byte. With
@@ -769,7 +795,7 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
         TypeError: a prefix is a str, or a socket is not a zmq socket.
         ValueError: nothing can be relayed between these socket types, a bad
             drain_timeout or drain_quiet, or a blocking signal_fd.
-        OSError: signal_fd is not an open file descriptor.
+        OSError: signal_fd is not an open file descriptor, or reading it failed.
         zmq.ZMQError: ENOTSOCK for a closed socket (as pyzmq), or any other libzmq error.
     """
     cdef Loop L

@@ -266,8 +266,35 @@ cdef int _resolve_libzmq() except -1:
             "devmgr could not find these libzmq functions through pyzmq's backend "
             f"{path.decode()!r}: {', '.join(missing)}"
         )
+    check_libzmq_version(libzmq_version(), libzmq_path())
     _resolve_libzmq_srand()
     return 0
+
+
+# The libzmq versions whose ABI the declarations above match: zmq_msg_t is 64 bytes
+# aligned like a pointer from 4.2 on (zmq.h), and the prototypes are those of zmq.h 4.x.
+# pyzmq's wheels bundle 4.3.5. Another major version may change any of it.
+LIBZMQ_SUPPORTED = ((4, 2, 0), (5, 0, 0))  # from, up to but excluding
+
+
+def check_libzmq_version(version, path=None):
+    """Raise ImportError unless `version` (major, minor, patch) is one the core is for.
+
+    The core declares zmq_msg_t's size and libzmq's prototypes itself (pyzmq ships no
+    zmq.h), so a libzmq outside LIBZMQ_SUPPORTED could corrupt memory rather than fail.
+    """
+    low, high = LIBZMQ_SUPPORTED
+    version = tuple(version)
+    if low <= version < high:
+        return
+    found = ".".join(map(str, version))
+    where = f" ({path})" if path else ""
+    raise ImportError(
+        f"devmgr's core is written for libzmq {low[0]}.{low[1]} up to (not including) "
+        f"{high[0]}.0: it declares zmq_msg_t as 64 bytes and libzmq's 4.x prototypes "
+        f"itself. pyzmq loaded libzmq {found}{where}, whose ABI may differ. Use a pyzmq "
+        "built with libzmq 4.x (its wheels bundle 4.3.5)."
+    )
 
 
 cdef int _resolve_libzmq_srand() except -1:

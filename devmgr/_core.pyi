@@ -58,3 +58,9 @@ def libzmq_path() -> str | None:
 
 def libzmq_version() -> tuple[int, int, int]:
     """Return the (major, minor, patch) version of that libzmq."""
+
+LIBZMQ_SUPPORTED: tuple[tuple[int, int, int], tuple[int, int, int]]
+
+def check_libzmq_version(version: tuple[int, ...], path: str | None = None) -> None:
+    """Raise ImportError unless the core was written for this libzmq version (checked
+    at import against zmq_version())."""

@@ -33,6 +33,8 @@ class LazyPirateClient:
         self.timeouts = 0
         self.abandoned = 0
         self.misdelivered: list[tuple[bytes, bytes]] = []  # (sent, received)
+        # every try: (its body, "ok" | "timeout" | "misdelivered")
+        self.tries: list[tuple[bytes, str]] = []
         self.open()
 
     def open(self) -> None:
@@ -64,19 +66,24 @@ class LazyPirateClient:
     def request(self, timeout: float, retries: int) -> bytes | None:
         """Send a new request; retry on a fresh socket after each timeout; check the reply.
 
-        Returns the reply (right or wrong), or None when every try timed out.
+        Each try has a body of its own (`name:seq.try`), so a reply tells which try it
+        answers. Returns the reply (right or wrong), or None when every try timed out.
         """
-        body = self.next_body()
-        for _ in range(retries):
+        request = self.next_body()
+        for attempt in range(retries):
+            body = request + b".%d" % attempt
             self.send(body)
             reply = self.wait(timeout)
             if reply is not None:
                 if reply == body:
                     self.ok += 1
+                    self.tries.append((body, "ok"))
                 else:
                     self.misdelivered.append((body, reply))
+                    self.tries.append((body, "misdelivered"))
                 return reply
             self.timeouts += 1
+            self.tries.append((body, "timeout"))
             self.close()  # the REQ socket is stuck waiting: start over, as lpclient does
             self.open()
         self.abandoned += 1
