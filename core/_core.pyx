@@ -93,6 +93,8 @@ cdef struct Direction:
     bint dropped        # the destination refused this message (EHOSTUNREACH)
     bint backoff        # see BACKOFF_MS: retry this stage on a timer, not on POLLOUT
     bint drained        # terminating, and its source's last read gave EAGAIN
+    bint requests       # two-way: the clients' side, whose new requests a drain refuses
+    bint closed         # draining: this direction reads no more (see drain_finished)
     zmq_msg_t prefix
 
 
@@ -219,7 +221,9 @@ cdef void framebuf_free(FrameBuf *buf) noexcept nogil:
 
 cdef inline bint reading_allowed(Loop *L, Direction *D) noexcept nogil:
     # a drain reads whatever the pause state: what it leaves unread would be lost
-    return L.terminating or not L.paused
+    if L.terminating:
+        return not D.closed
+    return not L.paused
 
 
 cdef int advance(Loop *L, Direction *D) noexcept nogil:
@@ -247,6 +251,9 @@ cdef int advance(Loop *L, Direction *D) noexcept nogil:
                 if rc == EAGAIN:
                     if D.buf.count == 0 and L.terminating:
                         D.drained = True
+                        # what was queued at the stop is read; a request read from
+                        # now on could not get its reply back before the device ends
+                        D.closed = D.requests
                     return ADV_WAIT
                 L.err = rc
                 return ADV_FAIL
@@ -565,6 +572,8 @@ cdef bint drain_finished(Loop *L) noexcept nogil:
     directions relayed, one idle moment is not enough: a reply to a request forwarded a
     moment ago is still on its way back. So both must stay idle for `drain_quiet`
     seconds; any message read starts the quiet period over. drain_timeout caps it all.
+    The requests side (see `requests`) is read until its first EAGAIN only, so clients
+    that keep sending cannot hold the drain open while their replies are still owed.
 
     A pass of the loop that reads messages also ends with the read that gives EAGAIN,
     so this check, made between passes, never sees a direction busy: it tells a read by
@@ -767,13 +776,17 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
       are read and answered (up to 1000 of them) before the OKs.
     - Drain (TERMINATE or a SIGTERM/SIGINT byte on `signal_fd`): stop when everything
       read has been sent and the inputs give EAGAIN. When both directions are relayed
-      (a ROUTER/DEALER queue), both must have stayed idle for `drain_quiet` seconds
-      (default 0.1), each message read starting that wait over, so that replies to
-      requests forwarded just before the stop still get back. Never longer than
-      `drain_timeout` seconds (None or inf: no limit; any size is fine, waits are
-      clamped to what zmq_poll takes); what is still held then is dropped.
-      A peer that keeps sending therefore holds a drain open until drain_timeout. PAUSE
-      does not hold a drain: it reads both inputs.
+      (a ROUTER/DEALER queue), the requests side (the in-socket, or the out-socket when
+      it alone is a ROUTER) is read until it first gives EAGAIN, which takes in what was
+      queued in the device at the stop, and no further: requests that come later stay
+      unread (their clients time out and resend, to the next process), so the drain
+      never forwards one whose reply it cannot wait for. The other side (the replies)
+      is read until both have stayed idle for `drain_quiet` seconds (default 0.1), each
+      message read starting that wait over, so that replies to every request forwarded
+      get back. Never longer than `drain_timeout` seconds (None or inf: no limit; any
+      size is fine, waits are clamped to what zmq_poll takes); what is still held then
+      is dropped. A one-way device reads its input until it first gives EAGAIN. PAUSE
+      does not hold a drain: it reads the inputs as above.
     - `signal_fd` (-1 or None: none) must be non-blocking, like the fd given to
       signal.set_wakeup_fd (its read end, typically); a blocking one is a ValueError.
       At end-of-file (its write end closed) the loop stops polling it and goes on; a
@@ -859,6 +872,9 @@ def proxy(in_socket, out_socket, mon_socket=None, ctrl_socket=None,
         L.dirs[1].enabled = (L.ins != L.outs and out_type in _CAN_RECV
                              and in_type in _CAN_SEND)
         L.two_way = L.dirs[0].enabled and L.dirs[1].enabled
+        if L.two_way:
+            # clients meet a queue at its ROUTER, which is the in-socket by convention
+            L.dirs[1 if out_type == ZMQ_ROUTER and in_type != ZMQ_ROUTER else 0].requests = True
         L.idle_since = -1.0
         if not (L.dirs[0].enabled or L.dirs[1].enabled):
             raise ValueError(

@@ -34,7 +34,8 @@ def proxy(
     `drain_timeout`: seconds a drain may last, whether TERMINATE or a stop signal began
     it (None or inf: until done). `drain_quiet`: with both directions relayed, a drain ends
     only once both have been idle this long (capped by drain_timeout), so replies to
-    forwarded requests get back.
+    forwarded requests get back; it reads the requests side (the in-socket, or the
+    out-socket when only it is a ROUTER) only until that first gives EAGAIN.
 
     Returns None after TERMINATE or a SIGTERM/SIGINT byte, once drained.
 

@@ -439,75 +439,93 @@ def test_a_two_way_drain_ends_after_its_quiet_period(h: Harness) -> None:
     assert 0.2 <= time.monotonic() - started < 2.0
 
 
-def test_a_request_read_while_draining_starts_the_quiet_period_over(h: Harness) -> None:
-    """The drain reads a late request; the quiet period must wait for its reply too.
+def test_a_reply_read_while_draining_starts_the_quiet_period_over(h: Harness) -> None:
+    """Two requests in flight at the stop; their replies come 0.4 s and 1.0 s later.
 
-    Quiet period 0.6 s: a request comes in 0.3 s into it and its server takes 0.4 s, so
-    the reply comes 0.7 s after the drain began. A quiet timer that any read starts over
-    waits for it (and ends 0.6 s after it); one that started at the first idle moment and
-    never restarted ends at 0.6 s and loses it.
+    Quiet period 0.8 s: a quiet timer that each read starts over runs to 1.2 s after the
+    first reply, so it waits for the second (and ends 0.8 s after that); one that
+    started at the first idle moment and never restarted ends at 0.8 s and loses it.
     """
-    ins, client = h.pair(zmq.ROUTER, zmq.REQ)
-    outs, worker = h.pair(zmq.DEALER, zmq.REP)
+    ins, first = h.pair(zmq.ROUTER, zmq.REQ)
+    second = h.socket(zmq.REQ)
+    second.connect(ins.last_endpoint.decode())
+    outs, worker = h.pair(zmq.DEALER, zmq.DEALER)
     ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
-    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.6)
-
-    def serve_one() -> None:
-        if worker.poll(5000):
-            request = worker.recv_multipart()
-            time.sleep(0.4)  # the server's service time
-            worker.send_multipart([b"reply to ", *request])
-
-    replier = threading.Thread(target=serve_one)
-    replier.start()
+    loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.8)
+    first.send(b"fast")
+    second.send(b"slow")
+    requests = [worker.recv_multipart(), worker.recv_multipart()]
+    received = time.monotonic()
     control.send(b"TERMINATE")  # answered OK only when the loop returns
     assert command(control, b"PING") == [b"PONG"]  # so the drain has begun
-    began = time.monotonic()
-    time.sleep(0.3)  # the request arrives half-way through the quiet period
-    client.send(b"late request")
+
+    def reply_later() -> None:
+        for request in sorted(requests, key=lambda frames: frames[-1] != b"fast"):
+            delay = 0.4 if request[-1] == b"fast" else 1.0
+            time.sleep(max(0.0, received + delay - time.monotonic()))  # service times
+            worker.send_multipart([*request[:-1], b"reply to " + request[-1]])
+
+    replier = threading.Thread(target=reply_later)
+    replier.start()
     replier.join(5)
-    assert client.poll(2000), "the drain ended before the reply to a request it had read"
-    assert client.recv_multipart() == [b"reply to ", b"late request"]
+    assert first.poll(2000) and first.recv() == b"reply to fast"
+    assert second.poll(2000), "the drain ended before the reply to a request it forwarded"
+    assert second.recv() == b"reply to slow"
     assert control.poll(5000) and control.recv_multipart() == [b"OK"]
     loop.join()
-    assert time.monotonic() - began >= 0.7 + 0.6 - 0.05
+    assert time.monotonic() - received >= 1.0 + 0.8 - 0.05
 
 
-def test_continuous_traffic_holds_a_drain_open_until_it_goes_quiet(h: Harness) -> None:
-    """With requests flowing (a 10 ms server), the drain lasts until they stop, and
-    every request the device read gets its reply."""
-    ins, client = h.pair(zmq.ROUTER, zmq.REQ)
-    outs, worker = h.pair(zmq.DEALER, zmq.REP)
+def test_under_steady_traffic_a_drain_answers_what_it_read_and_takes_no_more(
+    h: Harness,
+) -> None:
+    """A client keeps sending (a request every 5 ms, a 10 ms server): the drain reads what
+    is queued at the stop, then no new request, and ends once every reply it owes is back,
+    long before drain_timeout. Every request the server got is answered."""
+    ins, client = h.pair(zmq.ROUTER, zmq.DEALER)
+    outs, worker = h.pair(zmq.DEALER, zmq.DEALER)
     ctrl, control = h.pair(zmq.PAIR, zmq.PAIR)
     loop = h.run(_core.proxy, ins, outs, None, ctrl, drain_timeout=5.0, drain_quiet=0.1)
     stop = threading.Event()
+    served: list[bytes] = []
+    sent: list[bytes] = []
+    answered: list[bytes] = []
 
     def serve() -> None:
         while not stop.is_set():
             if worker.poll(20):
                 request = worker.recv_multipart()
+                served.append(request[-1])
                 time.sleep(0.01)  # the server's service time
                 worker.send_multipart(request)
 
-    server = threading.Thread(target=serve)
-    server.start()
+    def send_and_collect() -> None:
+        next_send = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= next_send:
+                sent.append(b"%d" % len(sent))
+                client.send(sent[-1])
+                next_send += 0.005  # a request every 5 ms
+            while client.poll(0):
+                answered.append(client.recv())
+            time.sleep(0.001)  # the client's own pace between polls
+
+    peers = [threading.Thread(target=serve), threading.Thread(target=send_and_collect)]
+    for peer in peers:
+        peer.start()
     try:
-        control.send(b"TERMINATE")
-        assert command(control, b"PING") == [b"PONG"]
+        wait_until(lambda: len(answered) >= 10, what="traffic flowing")
         began = time.monotonic()
-        answered = 0
-        while time.monotonic() - began < 0.5:  # 0.5 s of back-to-back requests
-            client.send(b"%d" % answered)
-            assert client.poll(1000), f"request {answered} lost while the drain went on"
-            assert client.recv() == b"%d" % answered
-            answered += 1
-        assert answered > 10
-        assert control.poll(5000) and control.recv_multipart() == [b"OK"]
-        assert time.monotonic() - began >= 0.5
+        assert command(control, b"TERMINATE") == [b"OK"]
+        drained_in = time.monotonic() - began
         loop.join()
+        wait_until(lambda: len(sent) >= len(served) + 20, what="requests sent after the drain")
     finally:
         stop.set()
-        server.join(5)
+        for peer in peers:
+            peer.join(5)
+    assert drained_in < 2.0, f"the drain took {drained_in:.2f}s: new requests held it open"
+    assert sorted(answered) == sorted(served), "a request the device forwarded lost its reply"
 
 
 def test_terminate_gives_up_on_a_blocked_output_after_drain_timeout(h: Harness) -> None:
