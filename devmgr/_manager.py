@@ -203,7 +203,12 @@ class Manager:
         except Exception as exc:  # nothing half up: stop what did start, then say why
             self.stop()
             raise DevmgrError(f"the manager could not start: {exc}") from exc
-        self._loop.call_soon_threadsafe(self._update_status)
+
+        def first_status(resolve: Callable[[None], None], _reject: Any) -> None:
+            self._update_status()
+            resolve(None)
+
+        self._call(first_status)  # the first STATUS= goes out before READY=1
         self._notify.ready()
 
     def _beat(self) -> None:
