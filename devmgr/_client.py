@@ -408,9 +408,16 @@ class Client:
         """Stop a device and forget it."""
         self.request("remove", {"name": name})
 
-    def reload(self) -> dict[str, list[str]]:
-        """Re-read the manager's config file; return the added/removed/changed names."""
-        return dict(self.request("reload"))
+    def reload(self, config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Re-read the manager's config file; return its path and the names by change.
+
+        Args:
+            config: the file the caller means; when the manager runs another one, the
+                reload is refused (`conflict`) instead of re-reading the manager's own.
+        """
+        if config is None:
+            return dict(self.request("reload"))
+        return dict(self.request("reload", {"config": os.path.abspath(config)}))
 
     def shutdown(self) -> None:
         """Stop every device, then the manager; return once the devices have stopped."""

@@ -58,7 +58,7 @@ class ControlServer:
             "stats": lambda a, r: manager.op_device_command("stats", a.name, r),
             "add": lambda a, r: manager.op_add(a.spec, r),
             "remove": lambda a, r: manager.op_remove(a.name, r),
-            "reload": lambda a, r: manager.op_reload(None, r),
+            "reload": lambda a, r: manager.op_reload(None, r, expect_path=a.config),
             "shutdown": lambda a, r: manager.op_shutdown(r),
         }
         assert set(self._handlers) == set(COMMANDS), "every command needs a handler"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -255,7 +256,10 @@ def simple_main(args: argparse.Namespace) -> int:
             info = client.version()
             print(f"devmgr {info.get('version')} (protocol {info.get('protocol')})")
         elif args.command == "reload":
-            diff = client.reload()
+            # the file the user named: a manager running another one says so and refuses
+            named = args.config or os.environ.get("DEVMGR_CONFIG") or None
+            diff = client.reload(named)
+            print(f"reloaded {diff.get('config')}")
             for key in ("added", "removed", "changed", "unchanged"):
                 names = diff.get(key) or []
                 print(f"{key}: {', '.join(names) if names else '-'}")

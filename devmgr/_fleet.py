@@ -356,10 +356,14 @@ class Fleet:
                         done(None, ControlError("conflict", f"{dev.name} answered {reply_text}"))
                         next_op()
                         return
+                    before = dev.sup.state
                     if command == b"PAUSE":
                         dev.sup.paused()
                     elif command == b"RESUME":
                         dev.sup.resumed()
+                    if dev.sup.state is not before:  # a second PAUSE changes nothing
+                        topic = "device.paused" if command == b"PAUSE" else "device.resumed"
+                        self.emit(topic, device=dev.name, pid=dev.sup.pid)
                     self._changed(dev)
                     done(dev.sup.state.value, None)
                 next_op()

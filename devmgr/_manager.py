@@ -194,7 +194,13 @@ class Manager:
                 self._fleet.add_device(spec)
             autostart = [d for d in self._fleet.devices.values() if d.spec.autostart]
             finish = _gather(len(autostart), lambda _r, _e: resolve(None), lambda: None)
-            self._emit("manager.started", pid=os.getpid(), control=settings.control)
+            self._emit(
+                "manager.started",
+                pid=os.getpid(),
+                config=str(self.config.path) if self.config.path else None,
+                control=settings.control,
+                events=settings.events,
+            )
             for dev in autostart:
                 self._fleet.start(dev, finish)
 
@@ -426,7 +432,7 @@ class Manager:
             summary = "; ".join(
                 f"{key} {', '.join(names) if names else '-'}"
                 for key, names in result.items()
-                if key != "unchanged"
+                if key not in ("unchanged", "config")
             )
             log.info("SIGHUP: reloaded: %s; %d unchanged", summary, len(result["unchanged"]))
 
@@ -557,6 +563,14 @@ class Manager:
 
     def op_add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
         """Validate, start and keep a new device; nothing is kept if its first start fails."""
+        name = data.name if isinstance(data, DeviceSpec) else data.get("name")
+        try:
+            self._add(data, done)
+        except ControlError as exc:
+            log.info("add %s refused: %s: %s", name, exc.code, exc.message)
+            raise
+
+    def _add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
         from devmgr._config import parse_device
 
         assert self._fleet is not None
@@ -578,8 +592,12 @@ class Manager:
                 # merged into the config as it is now: a reload may have run meanwhile
                 devices = {**self.config.devices, spec.name: spec}
                 self.config = self.config.model_copy(update={"devices": devices})
+                self._emit(
+                    "device.added", device=spec.name, kind=spec.kind, pid=dev.sup.pid, by="add"
+                )
                 done(fleet.status_of(dev), None)
                 return
+            log.info("add %s refused: %s: %s", spec.name, error.code, error.message)
             fleet.remove(dev, lambda _r2, _e2: done(None, error))
 
         fleet.start(dev, started)
@@ -604,28 +622,60 @@ class Manager:
         def removed(_r: Any, error: ControlError | None) -> None:
             devices = {n: s for n, s in self.config.devices.items() if n != name}
             self.config = self.config.model_copy(update={"devices": devices})
+            if error is None:
+                self._emit("device.removed", device=name, by="remove")
             done(None, error)
 
         self._fleet.remove(dev, removed)
 
-    def op_reload(self, config: ManagerConfig | None, done: Done) -> None:
-        """Apply a new config device by device: only what changed is touched."""
+    def op_reload(
+        self, config: ManagerConfig | None, done: Done, *, expect_path: str | None = None
+    ) -> None:
+        """Apply a new config device by device: only what changed is touched.
+
+        `config` None re-reads the manager's own file; `expect_path` (a client's `-c`)
+        refuses that when the manager runs another file, rather than silently re-reading
+        its own.
+        """
         self._notify.reloading()
 
-        def finished(result: Any, error: ControlError | None) -> None:
+        def finished(diff: dict[str, Any], error: ControlError | None) -> None:
+            # the diff is applied even when a device's start failed: say so either way
             self._notify.ready()
-            done(result, error)
+            self._emit(
+                "manager.reloaded",
+                config=diff["config"],
+                added=diff["added"],
+                removed=diff["removed"],
+                changed=diff["changed"],
+                error=None if error is None else error.message,
+            )
+            done(None if error else diff, error)
 
         try:
-            self._reload(config, finished)
-        except ControlError:
+            self._reload(config, finished, expect_path)
+        except ControlError as exc:
             self._notify.ready()
+            log.info("reload refused: %s: %s", exc.code, exc.message)
             raise
 
-    def _reload(self, config: ManagerConfig | None, done: Done) -> None:
+    def _reload(self, config: ManagerConfig | None, done: Done, expect_path: str | None) -> None:
+        """Diff and apply; `done(diff, error)` gets the diff also when a start failed."""
         assert self._fleet is not None
         fleet = self._fleet
         if config is None:
+            if expect_path is not None and not _same_file(self.config.path, expect_path):
+                runs = (
+                    f"runs {self.config.path}"
+                    if self.config.path is not None
+                    else "runs the embedded default config"
+                )
+                raise ControlError(
+                    "conflict",
+                    f"this manager {runs}, not {expect_path}; it re-reads only its own file "
+                    f"(reload without -c, or start a manager with -c {expect_path} and a "
+                    "control endpoint of its own)",
+                )
             if self.config.path is None:
                 raise ControlError(
                     "invalid_spec", "the manager runs the embedded default config: no file"
@@ -642,24 +692,40 @@ class Manager:
         unchanged = [n for n in new if n in old and new[n] == old[n]]
         if config.manager != self.config.manager:
             log.warning("reload: [manager] settings changed; they apply at the next start")
-        result = {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
+        result = {
+            "config": str(config.path) if config.path is not None else None,
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+            "unchanged": unchanged,
+        }
         self.config = config.model_copy(update={"manager": self.config.manager})
 
         def start_phase(_r: Any, _e: ControlError | None) -> None:
             to_start = []
             for name in changed + added:
                 dev = fleet.add_device(new[name])
+                if name in added:
+                    self._emit("device.added", device=name, kind=new[name].kind, by="reload")
                 if new[name].autostart:
                     to_start.append(dev)
-            finish = _gather(len(to_start), done, lambda: result)
+            finish = _gather(len(to_start), lambda _r, err: done(result, err), lambda: result)
             for dev in to_start:
                 fleet.start(dev, finish)
+
+        def stopped(name: str) -> Done:
+            def one(_r: Any, error: ControlError | None) -> None:
+                if name in removed:
+                    self._emit("device.removed", device=name, by="reload")
+                stop_all(None, error)
+
+            return one
 
         # Stop what goes or changes first: a changed device may rebind the same endpoint.
         to_stop = [fleet.devices[n] for n in removed + changed if n in fleet.devices]
         stop_all = _gather(len(to_stop), start_phase, lambda: None)
         for dev in to_stop:
-            fleet.remove(dev, stop_all)
+            fleet.remove(dev, stopped(dev.name))
 
     def _stop_all(self, then: Done) -> None:
         """Stop every device in parallel; call `then` once none runs."""
@@ -727,16 +793,49 @@ class Manager:
         return self._call_op(self.op_reload, config)  # type: ignore[no-any-return]
 
 
+def _same_file(ours: Path | None, theirs: str) -> bool:
+    """Return True when a client's config path names the file this manager runs."""
+    if ours is None:
+        return False
+    try:
+        return os.path.samefile(ours, theirs)
+    except OSError:  # either one is gone or unreadable: compare the names
+        return os.path.realpath(ours) == os.path.realpath(theirs)
+
+
+# Event fields shown in the log line, in this order; lists are joined with commas.
+_LOGGED_FIELDS = (
+    "pid",
+    "code",
+    "signal",
+    "reason",
+    "delay",
+    "kind",
+    "by",
+    "config",
+    "control",
+    "events",
+    "added",
+    "removed",
+    "changed",
+    "error",
+)
+
+
 def _log_event(event: dict[str, Any]) -> None:
     topic = event["event"]
     device = event.get("device")
     parts = []
-    for key in ("pid", "code", "signal", "reason", "delay"):
+    for key in _LOGGED_FIELDS:
         value = event.get(key)
         if value is None:
+            if key == "config" and topic == "manager.started":
+                parts.append("config=(embedded default)")
             continue
         text = str(value)
-        if key == "signal":
+        if isinstance(value, list):
+            text = ",".join(map(str, value)) or "-"
+        elif key == "signal":
             try:
                 text = f"{value} ({signal.Signals(value).name})"
             except ValueError:
@@ -745,8 +844,10 @@ def _log_event(event: dict[str, Any]) -> None:
             text = f"{value}s"
         parts.append(f"{key}={text}")
     level = logging.INFO
-    if topic == "device.unhealthy" or (
-        topic == "device.exited" and event.get("reason") != "stopped"
+    if (
+        topic == "device.unhealthy"
+        or (topic == "device.exited" and event.get("reason") != "stopped")
+        or (topic == "manager.reloaded" and event.get("error"))
     ):
         level = logging.WARNING
     elif topic == "device.fatal":

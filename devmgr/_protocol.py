@@ -71,6 +71,14 @@ class AddArgs(_Strict):
     )
 
 
+class ReloadArgs(_Strict):
+    config: str | None = Field(
+        default=None,
+        description="the file the client means (its -c): a manager that runs another "
+        "file refuses with `conflict` instead of re-reading its own",
+    )
+
+
 COMMANDS: dict[str, type[_Strict]] = {
     "ping": NoArgs,
     "version": NoArgs,
@@ -83,7 +91,7 @@ COMMANDS: dict[str, type[_Strict]] = {
     "stats": NameArgs,
     "add": AddArgs,
     "remove": NameArgs,
-    "reload": NoArgs,
+    "reload": ReloadArgs,
     "shutdown": NoArgs,
 }
 
@@ -206,6 +214,9 @@ class VersionResult(_Strict):
 
 
 class ReloadResult(_Strict):
+    config: str | None = Field(
+        description="the file re-read (null for a config handed over in-process)"
+    )
     added: list[str] = Field(description="devices in the file and not running: started")
     removed: list[str] = Field(description="devices running and not in the file: removed")
     changed: list[str] = Field(description="devices whose table changed: restarted")
@@ -246,12 +257,20 @@ EventTopic = Literal[
     "device.fatal",
     "device.unhealthy",
     "device.stopped",
+    "device.paused",
+    "device.resumed",
+    "device.added",
+    "device.removed",
+    "manager.reloaded",
 ]
 
 # topic -> (when it is published, the fields it carries beyond `event` and `at`);
 # docs/events.md is generated from these.
 EVENT_DOCS: dict[str, tuple[str, str]] = {
-    "manager.started": ("the manager is serving; autostart devices are starting", "pid, control"),
+    "manager.started": (
+        "the manager is serving; autostart devices are starting",
+        "pid, config (null: the embedded default), control, events",
+    ),
     "manager.stopping": ("the manager begins its shutdown", ""),
     "device.starting": ("a device process was started", "device, pid"),
     "device.running": ("the device bound its sockets and its loop answered", "device, pid"),
@@ -266,6 +285,20 @@ EVENT_DOCS: dict[str, tuple[str, str]] = {
         "device, pid, reason (memory or unresponsive)",
     ),
     "device.stopped": ("the device is stopped and stays so", "device"),
+    "device.paused": (
+        "`pause` took effect (a second one changes nothing, says nothing)",
+        "device, pid",
+    ),
+    "device.resumed": ("`resume` took effect", "device, pid"),
+    "device.added": (
+        "a device joined the set: after `add` once it runs, after `reload` before it starts",
+        "device, kind, by (add or reload), pid (after add)",
+    ),
+    "device.removed": ("a device left the set, once stopped", "device, by (remove or reload)"),
+    "manager.reloaded": (
+        "a reload was applied (even when a device of the new set failed to start)",
+        "config (the file re-read), added, removed, changed, error",
+    ),
 }
 
 
@@ -282,6 +315,28 @@ class Event(BaseModel):
     signal: int | None = Field(default=None, description="the signal number (device.exited)")
     reason: str | None = Field(default=None, description="an exit reason or health verdict")
     delay: float | None = Field(default=None, description="seconds until the restart")
+    kind: str | None = Field(default=None, description="the device's kind (device.added)")
+    by: Literal["add", "remove", "reload"] | None = Field(
+        default=None, description="the command behind device.added or device.removed"
+    )
+    config: str | None = Field(
+        default=None,
+        description="the config file (manager.started: null for the embedded default; "
+        "manager.reloaded: the file re-read)",
+    )
+    control: str | None = Field(default=None, description="the control endpoint")
+    events: str | None = Field(default=None, description="the events endpoint")
+    added: list[str] | None = Field(default=None, description="devices added (manager.reloaded)")
+    removed: list[str] | None = Field(
+        default=None, description="devices removed (manager.reloaded)"
+    )
+    changed: list[str] | None = Field(
+        default=None, description="devices changed and restarted (manager.reloaded)"
+    )
+    error: str | None = Field(
+        default=None,
+        description="why a device of the reloaded set did not start (manager.reloaded)",
+    )
 
 
 # schema file stem -> model; `python -m devmgr._schema` writes schemas/<stem>.schema.json

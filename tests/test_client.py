@@ -79,6 +79,7 @@ def test_every_method(transport: str, ipc_dir: Path, manager: devmgr.Manager) ->
         assert client.remove("b") is None
         assert client.remove("c") is None
         assert client.reload() == {
+            "config": str(manager.config.path),
             "added": [],
             "removed": [],
             "changed": [],

@@ -150,7 +150,13 @@ def test_every_command(kind: int, ipc_dir: Path, ctx: Any, manager: devmgr.Manag
             ipc_dir / "devmgr.toml", {"a": streamer(ipc_dir, "a"), "c": streamer(ipc_dir, "c")}
         )
         diff = ok(client.call("reload"))
-        assert diff == {"added": ["c"], "removed": [], "changed": [], "unchanged": ["a"]}
+        assert diff == {
+            "config": str(ipc_dir / "devmgr.toml"),
+            "added": ["c"],
+            "removed": [],
+            "changed": [],
+            "unchanged": ["a"],
+        }
         states = {d["name"]: d["state"] for d in ok(client.call("status"))["devices"]}
         assert states == {"a": "running", "c": "running"}
         pids = [d["pid"] for d in ok(client.call("status"))["devices"]]
