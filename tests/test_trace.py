@@ -127,7 +127,12 @@ def test_operations_publish_events_and_log_lines(ipc_dir: Path) -> None:
             running_manager(config, private_env(ipc_dir), control, log) as proc,
             Client(control, timeout=10) as client,
         ):
-            sub.sync(client, "a")
+            wait_until(
+                lambda: all(d["state"] == "running" for d in client.status()["devices"]),
+                timeout=20,
+                what="both devices running",
+            )
+            sub.sync(client, "a")  # from here on, every event is this test's doing
 
             done = cli(ipc_dir, "pause", "a", *ctl)
             assert done.returncode == 0, done.stderr
