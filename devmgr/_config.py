@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ConfigError, Problem
+from devmgr._files import FileRefused, read_regular_file
 from devmgr._spec import (
     DeviceSpec,
     Loc,
@@ -293,13 +294,16 @@ def parse_device(
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_regular_file(path).decode("utf-8")
     except FileNotFoundError:
         raise _invalid([Problem("", f"{path}: no such file")]) from None
     except UnicodeDecodeError as exc:
         raise _invalid([Problem("", f"{path}: not UTF-8 text ({exc.reason})")]) from None
-    except OSError as exc:
-        raise _invalid([Problem("", f"{path}: cannot read: {exc.strerror}")]) from None
+    except FileRefused as exc:
+        raise _invalid([Problem("", f"{path}: {exc}")]) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _invalid([Problem("", f"{path}: cannot read: {reason}")]) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
