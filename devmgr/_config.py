@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -386,5 +387,7 @@ def validate_main(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem)
         return 2
+    for place, message in config.manager.warnings():
+        print(f"warning: {place}: {message}", file=sys.stderr)
     print(f"ok: {len(config.devices)} devices")
     return 0

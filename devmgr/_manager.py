@@ -35,7 +35,7 @@ from devmgr._paths import (
     unlink_if_ours,
 )
 from devmgr._protocol import RawJSON
-from devmgr._spec import DeviceSpec, ManagerConfig
+from devmgr._spec import DeviceSpec, ManagerConfig, ManagerSettings
 from devmgr._version import __version__
 from devmgr._wire import PROTOCOL_VERSION
 
@@ -152,8 +152,8 @@ class Manager:
         from devmgr._fds import raise_nofile_limit
 
         raise_nofile_limit()  # before the forkserver and devices, which inherit it
-        base = ensure_private_dir(runtime_dir())
-        self._rundir = ensure_private_dir(base / f"m{os.getpid()}")
+        _log_warnings(settings)
+        self._rundir = ensure_private_dir(ensure_private_dir(runtime_dir()) / f"m{os.getpid()}")
         self._ctx = zmq.Context()
         self._loop = EventLoop()
         try:
@@ -820,6 +820,12 @@ _LOGGED_FIELDS = (
     "changed",
     "error",
 )
+
+
+def _log_warnings(settings: ManagerSettings) -> None:
+    """Log what `devmgr validate` warns about, at every start (insecure_tcp_control)."""
+    for place, message in settings.warnings():
+        log.warning("%s: %s", place, message)
 
 
 def _log_event(event: dict[str, Any]) -> None:

@@ -1029,7 +1029,12 @@ class ManagerSettings(BaseModel):
     )
     stop_timeout: Seconds = Field(default=5.0, description="seconds to drain before SIGKILL")
     curve: CurveSpec | None = Field(
-        default=None, description="CURVE keys; required to bind control on non-loopback tcp"
+        default=None, description="CURVE keys; required to bind control on tcp"
+    )
+    insecure_tcp_control: StrictBool = Field(
+        default=False,
+        description="let a loopback tcp control run without CURVE: every local user can "
+        "then command the manager (devmgr validate warns)",
     )
     metrics: StrictStr | None = Field(
         default=None, description="HOST:PORT of a Prometheus metrics endpoint (optional)"
@@ -1081,11 +1086,20 @@ class ManagerSettings(BaseModel):
                     ),
                 )
             )
-        if (
-            self.control.startswith("tcp://")
-            and self.curve is None
-            and not _is_loopback_tcp(self.control)
-        ):
+        tcp_open = self.control.startswith("tcp://") and self.curve is None
+        if tcp_open and _is_loopback_tcp(self.control) and not self.insecure_tcp_control:
+            issues.append(
+                (
+                    ("control",),
+                    (
+                        f"{self.control} is open to every user of this machine, and anyone "
+                        "who reaches it can stop or add devices: add a [manager.curve] table "
+                        "(secret_key, authorized_keys), use ipc:// (a 0700 folder), or set "
+                        "insecure_tcp_control = true to accept that"
+                    ),
+                )
+            )
+        elif tcp_open and not _is_loopback_tcp(self.control):
             issues.append(
                 (
                     ("control",),
@@ -1100,6 +1114,28 @@ class ManagerSettings(BaseModel):
         if issues:
             raise _fail(issues)
         return self
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """Return (place, message) for settings that are valid but unsafe or useless."""
+        found: list[tuple[str, str]] = []
+        if self.insecure_tcp_control:
+            if self.control.startswith("tcp://") and self.curve is None:
+                found.append(
+                    (
+                        "manager.insecure_tcp_control",
+                        f"control {self.control} has no CURVE: every local user can stop, "
+                        "add or reconfigure devices (and with an ipc bind create socket "
+                        "files as this user)",
+                    )
+                )
+            else:
+                found.append(
+                    (
+                        "manager.insecure_tcp_control",
+                        "has no effect: control is not tcp without CURVE",
+                    )
+                )
+        return found
 
     def binds(self, prefix: Loc) -> list[tuple[Loc, str]]:
         """Return the endpoints the manager itself binds, with their places."""

@@ -217,7 +217,10 @@ def test_reconnects_after_the_manager_restarts(ipc_dir: Path) -> None:
 def test_tcp_control(ipc_dir: Path) -> None:
     port = free_tcp_port()
     settings = manager_settings(
-        ipc_dir, control=f"tcp://127.0.0.1:{port}", events=f"tcp://127.0.0.1:{free_tcp_port()}"
+        ipc_dir,
+        control=f"tcp://127.0.0.1:{port}",
+        events=f"tcp://127.0.0.1:{free_tcp_port()}",
+        insecure_tcp_control=True,
     )
     from devmgr._config import parse_config
 

@@ -35,7 +35,10 @@ def sock(side: str, type_: str, *, bind: str = "", connect: str = "", options: s
     return f"{side} = {{ {', '.join(parts)} }}"
 
 
-TCP_MANAGER = '[manager]\ncontrol = "tcp://127.0.0.1:7000"\nevents = "tcp://127.0.0.1:7001"\n'
+TCP_MANAGER = (
+    '[manager]\ncontrol = "tcp://127.0.0.1:7000"\nevents = "tcp://127.0.0.1:7001"\n'
+    "insecure_tcp_control = true\n"
+)
 LONG_IPC = '"ipc:///tmp/' + "x" * 110 + '"'
 
 
@@ -472,8 +475,27 @@ CASES = [
         "[manager.curve]",
     ),
     Case(
+        "control-loopback-no-curve",
+        '[manager]\ncontrol = "tcp://127.0.0.1:7000"\nevents = "tcp://127.0.0.1:7001"\n',
+        "manager.control",
+        "insecure_tcp_control",
+    ),
+    Case(
+        "control-localhost-no-curve",
+        '[manager]\ncontrol = "tcp://localhost:7000"\nevents = "tcp://127.0.0.1:7001"\n',
+        "manager.control",
+        "every user of this machine",
+    ),
+    Case(
+        "control-public-opt-out-is-not-enough",
+        '[manager]\ncontrol = "tcp://0.0.0.0:7000"\nevents = "tcp://127.0.0.1:7001"\n'
+        "insecure_tcp_control = true\n",
+        "manager.control",
+        "[manager.curve]",
+    ),
+    Case(
         "control-tcp-no-events",
-        '[manager]\ncontrol = "tcp://127.0.0.1:7000"\n',
+        '[manager]\ncontrol = "tcp://127.0.0.1:7000"\ninsecure_tcp_control = true\n',
         "manager.events",
         "required when control is tcp",
     ),
@@ -482,7 +504,8 @@ CASES = [
     ),
     Case(
         "control-random-port",
-        '[manager]\ncontrol = "tcp://127.0.0.1:*"\nevents = "tcp://127.0.0.1:7001"\n',
+        '[manager]\ncontrol = "tcp://127.0.0.1:*"\nevents = "tcp://127.0.0.1:7001"\n'
+        "insecure_tcp_control = true\n",
         "manager.control",
         "could not find",
     ),
