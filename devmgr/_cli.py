@@ -35,6 +35,7 @@ _HANDLERS: dict[str, str] = {
     "version": "devmgr._ctl:simple_main",
     "tap": "devmgr._ctl:tap_main",
     "events": "devmgr._ctl:events_main",
+    "top": "devmgr._top:top_main",
 }
 
 
@@ -184,6 +185,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _client_opts(p)
     p.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
     p.add_argument("--json", action="store_true", help="print the raw JSON of each event")
+
+    p = sub.add_parser(
+        "top",
+        help="a live table of the devices: state, rates, CPU, RSS (q or Ctrl-C to quit)",
+    )
+    _client_opts(p)
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 1)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="print one table, with rates over one interval, and exit (for scripts and pipes)",
+    )
 
     p = sub.add_parser("validate", help="check a config, print the problems")
     _config_opt(p)

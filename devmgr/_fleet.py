@@ -22,6 +22,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,7 @@ class Device:
         self.awaiting_ready = False
         self.pending: deque[Callable[[list[bytes] | None], None]] = deque()
         self.stats: dict[str, int] = dict(_ZERO_STATS)
+        self.stats_at: float | None = None  # unix time the loop's counters were read
         self.cpu_percent: float | None = None
         self.rss_bytes: int | None = None
         self.num_fds: int | None = None
@@ -447,6 +449,7 @@ class Fleet:
         dev.awaiting_ready = True
         dev.failure = None
         dev.stats = dict(_ZERO_STATS)
+        dev.stats_at = None
         plan = device_plan(dev.spec, self.stop_timeout)
         proc = DeviceProcess(
             target=_child.main,
@@ -659,6 +662,7 @@ class Fleet:
     def _take_stats(self, dev: Device, frames: list[bytes]) -> None:
         try:
             dev.stats = parse_stats(frames)
+            dev.stats_at = time.time()  # rates (devmgr top) divide by the time between reads
         except ValueError:
             pass  # not a STATISTICS reply: keep the last counters
 
@@ -684,6 +688,7 @@ class Fleet:
             "bytes_in": stats["in_bytes_received"],
             "bytes_out": stats["out_bytes_sent"],
             "stats": dict(stats),
+            "stats_at": round(dev.stats_at, 6) if dev.stats_at is not None else None,
             "endpoints": copy.deepcopy(dev.endpoints),
             "autostart": dev.spec.autostart,
             "message": dev.message,
@@ -705,6 +710,7 @@ class Fleet:
             dev.rss_bytes,
             dev.num_fds,
             dev.stats,
+            dev.stats_at,
             dev.message,
         )
         cached = dev.json_cache

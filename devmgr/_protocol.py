@@ -187,6 +187,12 @@ class DeviceStatus(_Strict):
     bytes_in: int = Field(description="bytes of those messages received on the in-socket")
     bytes_out: int = Field(description="bytes of those messages sent on the out-socket")
     stats: Stats = Field(description="all 8 counters of the loop's STATISTICS reply")
+    stats_at: float | None = Field(
+        default=None,
+        description="when the manager last read those counters from the loop (unix "
+        "seconds); null before the first reading of this process. A rate is the change "
+        "of a counter over the change of stats_at",
+    )
     endpoints: Endpoints = Field(description="the device's sockets as configured")
     autostart: bool = Field(description="whether the manager starts it at start-up")
     message: str | None = Field(
