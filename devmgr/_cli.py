@@ -57,7 +57,13 @@ def _client_opts(p: argparse.ArgumentParser) -> None:
         "else that of the config found as for `start`)",
     )
     p.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)"
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to wait for the reply; for start, stop, restart, reload, shutdown, add "
+        "and remove: for a sign of life while the operation runs, however long it takes "
+        "(default 5)",
     )
     p.add_argument("--curve-client", metavar="CERT", help="client secret certificate file")
     p.add_argument("--curve-server", metavar="CERT", help="manager public certificate file")

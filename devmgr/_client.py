@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from devmgr._errors import ConfigError, ControlError, DevmgrError, ManagerUnreachable
@@ -222,17 +222,31 @@ def _load_curve_keys(curve: CurvePair) -> tuple[bytes, bytes, bytes]:
 # ---- the client --------------------------------------------------------------------
 
 
+#: Commands whose work can outlast any fixed timeout: a drain, SIGKILL at the manager's
+#: `stop_timeout`, a device's start, over one device or all of them. The client follows
+#: them to their end for as long as the manager answers (see Client.request).
+LONG_COMMANDS = frozenset({"start", "stop", "restart", "reload", "shutdown", "add", "remove"})
+
+#: Device states that an operation in progress passes through.
+_TRANSITIONAL = ("starting", "stopping", "backoff")
+
+
 class Client:
     """Send control requests to a devmgr manager and return their results.
 
-    Each method sends one request and waits at most `timeout` seconds in total for its
-    reply. Results are plain JSON-shaped values as in docs/protocol.md. Not thread-safe: use
-    one Client per thread.
+    A short request (`ping`, `status`, `stats`...) waits at most `timeout` seconds in
+    total for its reply. A long one (LONG_COMMANDS: `start`, `stop`, `restart`, `reload`,
+    `shutdown`, `add`, `remove`) waits as long as the operation takes, however long its
+    drains and `stop_timeout` make it, as long as the manager shows it is alive: while no
+    reply has come the client asks for the status of the devices concerned every second
+    (or `timeout / 2`), and gives up only when one of these goes unanswered for `timeout`
+    seconds. Results are plain JSON-shaped values as in docs/protocol.md. Not
+    thread-safe: use one Client per thread.
 
     Args:
         endpoint: the manager's control endpoint; None resolves it as the CLI does
             ($DEVMGR_ENDPOINT, $DEVMGR_CONFIG, ./devmgr.toml, the default).
-        timeout: seconds to wait for each reply.
+        timeout: seconds to wait for a reply (for a long command: for a sign of life).
         curve: `(client_secret_cert, server_public_cert)` certificate file paths, for a
             manager whose control socket uses CURVE.
         transport: "auto" (default): a built-in ZMTP 3.0 connection on a plain socket
@@ -269,6 +283,9 @@ class Client:
         # request's id by coincidence.
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._closed = False
+        #: Called with a short text (e.g. "a stopping") while a long command is under
+        #: way, each time the state of the devices it concerns changes; None: silent.
+        self.on_progress: Callable[[str], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -313,29 +330,40 @@ class Client:
     ) -> Any:
         """Send one request and return its `result`.
 
+        A command of LONG_COMMANDS is followed to its end while the manager answers
+        (see the class docstring); `timeout` then bounds the silence, not the operation.
+
         Raises:
             ControlError: an error reply.
-            ManagerUnreachable: no reply within `timeout` (default: the client's).
+            ManagerUnreachable: nothing listens, or no reply (for a long command: no sign
+                of life) within `timeout` (default: the client's).
         """
         wait = self.timeout if timeout is None else float(timeout)
-        deadline = time.monotonic() + wait
-        request_id = self._next_id
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFF
-        message: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd}
-        if args:
-            message["args"] = dict(args)
-        payload = json.dumps(message).encode()
+        follow = cmd in LONG_COMMANDS
+        started = time.monotonic()
+        deadline = started + wait
+        request_id = self._take_id()
+        payload = _encode(request_id, cmd, args)
         transport = self._connection()
         why = f"no reply from a devmgr manager at {self.endpoint} in {wait:g}s"
         listening: bool | None = None
         try:
             if transport.send(payload, deadline):
+                follower = _Follower(self, cmd, args, wait) if follow else None
                 while True:
-                    frames = transport.recv(deadline)
+                    wake = deadline if follower is None else follower.wake()
+                    frames = transport.recv(wake)
                     if frames is None:
-                        break
+                        if follower is None or follower.given_up():
+                            break
+                        follower.probe(transport)
+                        continue
                     reply = _parse_reply(frames)
-                    if reply is None or not _answers(reply, request_id):
+                    if reply is None:
+                        continue
+                    if follower is not None and follower.heard(reply):
+                        continue  # a sign of life, not the answer
+                    if not _answers(reply, request_id):
                         continue  # a stale or foreign reply: not ours
                     if reply.get("ok") is True:
                         return reply.get("result")
@@ -343,6 +371,12 @@ class Client:
                     if not isinstance(error, dict):
                         raise ControlError("internal", f"malformed error reply: {reply!r}")
                     raise ControlError(str(error.get("code")), str(error.get("message", "")))
+                if follower is not None and follower.probes:
+                    why = (
+                        f"no reply from a devmgr manager at {self.endpoint}: it stopped "
+                        f"answering while `{cmd}` was under way (no sign of life for "
+                        f"{wait:g}s, after {time.monotonic() - started:.1f}s)"
+                    )
             if transport.reached:
                 listening = True
                 why += ": something listens there but did not answer (a stopped manager?)"
@@ -357,6 +391,11 @@ class Client:
         transport.close()
         self._transport = None
         raise ManagerUnreachable(why, listening=listening)
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFFFFFF
+        return request_id
 
     # ---- one method per command ----------------------------------------------------------
 
@@ -424,6 +463,85 @@ class Client:
     def shutdown(self) -> None:
         """Stop every device, then the manager; return once the devices have stopped."""
         self.request("shutdown")
+
+
+def _encode(request_id: int, cmd: str, args: Mapping[str, Any] | None) -> bytes:
+    message: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd}
+    if args:
+        message["args"] = dict(args)
+    return json.dumps(message).encode()
+
+
+class _Follower:
+    """Keep a long request alive: ask for the status of its devices while no reply comes.
+
+    Any answer to such a probe (a status, or an error: the manager is alive either way)
+    renews the wait; a probe unanswered for `wait` seconds means the manager stopped
+    answering.
+    """
+
+    def __init__(self, client: Client, cmd: str, args: Mapping[str, Any] | None, wait: float):
+        self.client = client
+        self.wait = wait
+        self.interval = min(1.0, wait / 2)
+        self.last_heard = time.monotonic()
+        self.outstanding: tuple[int, float] | None = None
+        self.probes = 0
+        self.shown = ""
+        names: list[str] | None = None
+        if args and isinstance(args.get("names"), list) and "*" not in args["names"]:
+            names = [n for n in args["names"] if isinstance(n, str)]
+        elif args and isinstance(args.get("name"), str):
+            names = [args["name"]]
+        elif args and isinstance(args.get("spec"), Mapping):
+            spec_name = args["spec"].get("name")
+            names = [spec_name] if isinstance(spec_name, str) else None
+        self.probe_args = {"names": names} if names else None
+        self.cmd = cmd
+
+    def wake(self) -> float:
+        if self.outstanding is not None:
+            return self.outstanding[1] + self.wait
+        return self.last_heard + self.interval
+
+    def given_up(self) -> bool:
+        return self.outstanding is not None and time.monotonic() >= self.outstanding[1] + self.wait
+
+    def probe(self, transport: _Transport) -> None:
+        if self.outstanding is not None:
+            return
+        now = time.monotonic()
+        probe_id = self.client._take_id()
+        self.outstanding = (probe_id, now)
+        self.probes += 1
+        transport.send(_encode(probe_id, "status", self.probe_args), now + self.wait)
+
+    def heard(self, reply: dict[str, Any]) -> bool:
+        """Return True when `reply` answers a probe (and note the sign of life)."""
+        if self.outstanding is None or reply.get("id") != self.outstanding[0]:
+            return False
+        self.outstanding = None
+        self.last_heard = time.monotonic()
+        result = reply.get("result")
+        if reply.get("ok") is True and isinstance(result, dict):
+            self._progress(result.get("devices"))
+        return True
+
+    def _progress(self, devices: object) -> None:
+        if self.client.on_progress is None or not isinstance(devices, list):
+            return
+        busy = [
+            f"{d.get('name')} {d.get('state')}"
+            for d in devices
+            if isinstance(d, dict) and d.get("state") in _TRANSITIONAL
+        ]
+        shown = ", ".join(busy[:5]) + (f" and {len(busy) - 5} more" if len(busy) > 5 else "")
+        if shown and shown != self.shown:
+            self.shown = shown
+            try:
+                self.client.on_progress(shown)
+            except Exception:  # a display callback must not cost the request
+                pass
 
 
 def _names(names: tuple[str, ...]) -> list[str]:

@@ -44,6 +44,9 @@ def _run(args: argparse.Namespace, body: Callable[[Client], int]) -> int:
     source = ""
     try:
         client, source = _client(args)
+        client.on_progress = lambda text: print(
+            f"{args.command}: waiting for {text}", file=sys.stderr, flush=True
+        )
         with client:
             return body(client)
     except ConfigError as exc:

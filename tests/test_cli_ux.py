@@ -19,6 +19,8 @@ from ctl_support import (
     write_config,
 )
 
+from conftest import wait_until
+
 
 def run(
     ipc_dir: Path, *argv: str, cwd: Path | None = None, timeout: float = 60, **env: str
@@ -103,3 +105,105 @@ def test_stale_socket_at_once_and_a_stopped_manager_times_out(ipc_dir: Path) -> 
     assert done.returncode == 3, done.stderr
     assert elapsed < 10, elapsed
     assert "nothing listens there (connection refused: a stale socket file" in done.stderr
+
+
+# ---- 13.2: long operations ------------------------------------------------------------
+
+
+def _pid(config: Path, name: str) -> int:
+    """The pid of device `name` once it is running (a manager answers before that)."""
+    from devmgr import Client
+    from devmgr._client import control_endpoint_of
+
+    with Client(control_endpoint_of(config)) as client:
+
+        def running() -> int:
+            dev = client.status(name)["devices"][0]
+            assert dev["state"] == "running", dev
+            return int(dev["pid"])
+
+        return wait_until(running, timeout=20, what=f"{name} running")
+
+
+def _hung_device_config(ipc_dir: Path) -> Path:
+    """A manager whose stop_timeout (1.5 s) is three times the clients' --timeout (0.5 s)."""
+    settings = manager_settings(ipc_dir, stop_timeout=1.5)
+    return write_config(ipc_dir / "devmgr.toml", {"a": streamer(ipc_dir, "a")}, settings)
+
+
+def test_restart_and_stop_of_a_hung_device_wait_for_the_manager(ipc_dir: Path) -> None:
+    """A SIGSTOPped device ends by SIGKILL at stop_timeout: the CLI waits for that,
+    however short its --timeout, while the manager answers; exit 0, not 3."""
+    config = _hung_device_config(ipc_dir)
+    with manager_process(config, private_env(ipc_dir)):
+        old = _pid(config, "a")
+        os.kill(old, signal.SIGSTOP)
+        done, elapsed = run(ipc_dir, "restart", "a", "-c", str(config), "--timeout", "0.5")
+        assert done.returncode == 0, done.stderr
+        assert elapsed >= 1.5  # it did wait for the SIGKILL at stop_timeout
+        name, state = done.stdout.split()[:2]
+        assert (name, state) == ("a:", "running")
+        new = _pid(config, "a")
+        assert new != old and f"(pid {new})" in done.stdout
+        assert "restart: waiting for a stopping" in done.stderr, done.stderr
+        os.kill(new, signal.SIGSTOP)
+        done, elapsed = run(ipc_dir, "stop", "--all", "-c", str(config), "--timeout", "0.5")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "a: stopped" and elapsed >= 1.5
+
+
+def test_shutdown_with_a_hung_device_waits_for_the_manager(ipc_dir: Path) -> None:
+    config = _hung_device_config(ipc_dir)
+    with manager_process(config, private_env(ipc_dir)) as proc:
+        os.kill(_pid(config, "a"), signal.SIGSTOP)
+        done, elapsed = run(ipc_dir, "shutdown", "-c", str(config), "--timeout", "0.5")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "manager stopped" and elapsed >= 1.5
+        assert proc.wait(10) == 0
+
+
+def test_a_manager_that_stops_answering_mid_operation_is_exit_3(ipc_dir: Path) -> None:
+    """Following a long operation is not waiting for ever: once the manager itself stops
+    answering, the CLI gives up after --timeout of silence, exit 3, and says why."""
+    config = _hung_device_config(ipc_dir)
+    with manager_process(config, private_env(ipc_dir)) as proc:
+        os.kill(_pid(config, "a"), signal.SIGSTOP)
+        with subprocess.Popen(
+            [*devmgr_command(), "restart", "a", "-c", str(config), "--timeout", "0.5"],
+            env=private_env(ipc_dir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as cli:
+            try:
+                assert cli.stderr is not None
+                line = cli.stderr.readline()  # the first progress line: the CLI follows
+                assert "restart: waiting for a stopping" in line, line
+                os.kill(proc.pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                try:
+                    cli.wait(20)
+                    waited = time.monotonic() - stopped_at
+                    err = cli.stderr.read()
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+            finally:
+                if cli.poll() is None:
+                    cli.kill()
+        assert cli.returncode == 3, err
+        assert "stopped answering while `restart` was under way" in err, err
+        assert waited < 10
+
+
+def test_every_long_command_is_followed() -> None:
+    from devmgr._client import LONG_COMMANDS
+    from devmgr._protocol import COMMANDS
+
+    assert set(COMMANDS) - LONG_COMMANDS == {
+        "ping",
+        "version",
+        "status",
+        "pause",
+        "resume",
+        "stats",
+    }
