@@ -788,8 +788,12 @@ class Manager:
     def remove(self, name: str) -> None:
         self._call_op(self.op_remove, name)
 
-    def reload(self, config: ManagerConfig | None = None) -> dict[str, list[str]]:
-        """Apply `config` (default: re-read the config file) device by device."""
+    def reload(self, config: ManagerConfig | None = None) -> dict[str, Any]:
+        """Apply `config` (default: re-read the config file) device by device.
+
+        Returns the reload result: `config` (the file, None for a config given here) and
+        the names `added`, `removed`, `changed` and `unchanged`.
+        """
         return self._call_op(self.op_reload, config)  # type: ignore[no-any-return]
 
 
