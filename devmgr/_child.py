@@ -1,7 +1,7 @@
 """The body of one device child process: build the sockets of a plan, report, run the loop.
 
-Runs in a process forked by the manager's forkserver, which preloads this module so a
-start costs a fork rather than an interpreter start-up. It imports no pydantic: the
+Runs in a process forked by the manager's zygote (devmgr._zygote), which preloads this
+module so a start costs a fork rather than an interpreter start-up. It imports no pydantic: the
 manager hands over a `DevicePlan` of plain values.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import json
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import signal
 import socket
@@ -59,8 +57,8 @@ class DevicePlan:
 def _die_with_parent(expected_parent: int) -> None:
     """Ask the kernel for SIGKILL when our parent dies, then check it has not already.
 
-    The parent is the manager's forkserver, which exits as soon as the manager's end of
-    its pipe closes, however the manager died. SIGKILL rather than SIGTERM: a manager that
+    The parent is the manager's zygote, which exits as soon as the manager's end of its
+    socket closes, however the manager died. SIGKILL rather than SIGTERM: a manager that
     died cannot have asked for a drain, a new one must be able to bind our endpoints at
     once, and SIGKILL ends even a wedged or SIGSTOPped device.
     """
@@ -79,25 +77,6 @@ def name_process(plan: DevicePlan) -> None:
     The comm name (top, pgrep) holds 15 bytes: the device's name matters more there.
     """
     set_process_title(f"devmgr: {plan.name} ({plan.kind})", comm=f"devmgr: {plan.name}")
-
-
-def _drop_forkserver_fds() -> None:
-    """Close the forkserver's "alive" pipe and the resource tracker's fd we inherited.
-
-    multiprocessing hands every forkserver child the write end of the pipe whose EOF
-    tells the forkserver that its clients are gone. A device holding it would keep the
-    forkserver alive after the manager died, and so never get its death signal.
-    """
-    server = multiprocessing.forkserver._forkserver
-    tracker = multiprocessing.resource_tracker._resource_tracker
-    for owner, attr in ((server, "_forkserver_alive_fd"), (tracker, "_fd")):
-        fd = getattr(owner, attr, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            setattr(owner, attr, None)
 
 
 def _build(
@@ -151,9 +130,8 @@ class _StartFailure(Exception):
 def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: int) -> None:
     """Run one device until TERMINATE, SIGTERM or the manager's death; exit 0 when drained."""
     _die_with_parent(expected_parent)
-    _drop_forkserver_fds()
     name_process(plan)
-    # Before any socket exists: every child forked from the forkserver would otherwise
+    # Before any socket exists: every child forked from the zygote would otherwise
     # hand its first ROUTER peer the same routing id as the last incarnation did, and a
     # reply a worker still holds for the old process's client would reach a new one.
     _core.seed_routing_ids()

@@ -17,8 +17,8 @@ import time
 
 log = logging.getLogger("devmgr")
 
-#: fds the manager holds per device process: the sentinel, its duplicate kept by the
-#: Popen finalizer, the /proc stat file of the health sampler, the control connection.
+#: fds the manager holds per device process: its status socket (the sentinel), its
+#: pidfd, the /proc stat file of the health sampler, the control connection.
 PER_DEVICE = 4
 #: Kept free for the manager's own use: 64 control and 64 events connections, 16 metrics
 #: connections, the transient pipes of a spawn, libzmq's internals. Capped at a quarter

@@ -151,7 +151,7 @@ class Manager:
         self._stopping_emitted = False
         from devmgr._fds import raise_nofile_limit
 
-        raise_nofile_limit()  # before the forkserver and devices, which inherit it
+        raise_nofile_limit()  # before the zygote and devices, which inherit it
         _log_warnings(settings)
         self._rundir = ensure_private_dir(ensure_private_dir(runtime_dir()) / f"m{os.getpid()}")
         self._ctx = zmq.Context()
@@ -189,7 +189,7 @@ class Manager:
             assert self._fleet is not None and self._control is not None
             assert self._loop is not None
             self._loop.add_reader(self._control.socket, self._control.on_readable)
-            self._fleet.prepare_forkserver()
+            self._fleet.prepare()
             for spec in self.config.devices.values():
                 self._fleet.add_device(spec)
             autostart = [d for d in self._fleet.devices.values() if d.spec.autostart]
@@ -351,17 +351,17 @@ class Manager:
         SIGTERM and SIGINT drain and stop (repeats are ignored), SIGHUP re-reads the
         config file as `reload` does, and stray SIGUSR1, SIGUSR2 and the like are logged
         and ignored instead of killing the manager. The previous handlers come back on
-        return. The forkserver and resource tracker started for the devices are stopped
-        (and waited for) before it returns, so nothing it started outlives it.
+        return. The zygote started for the devices is stopped (and waited for) before it
+        returns, so nothing it started outlives it.
         """
         self._in_run = True
         from devmgr._notify import SdNotify
-        from devmgr._spawn import helper_pids, stop_helpers
+        from devmgr._zygote import ZYGOTE
 
         self._notify = SdNotify()  # the service: tell systemd (when it asked)
         in_main = threading.current_thread() is threading.main_thread()
         previous: dict[int, Any] = {}
-        helpers_before = helper_pids()
+        zygote_before = ZYGOTE.pid
         if in_main:
             previous = self._install_signal_handlers()
         try:
@@ -373,7 +373,8 @@ class Manager:
         finally:
             self._signals_live = False
             self.stop()
-            stop_helpers([pid for pid in helper_pids() if pid not in helpers_before])
+            if zygote_before is None:  # ours: stopped and reaped before we return
+                ZYGOTE.shutdown()
             for number, handler in previous.items():
                 signal.signal(number, handler)
 

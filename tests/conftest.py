@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import shutil
 import tempfile
@@ -57,15 +55,11 @@ def ipc_dir() -> Iterator[Path]:
 
 
 def _helper_pids() -> set[int]:
-    """PIDs of multiprocessing's long-lived helpers, which are not leftovers."""
-    pids: set[int] = set()
-    fs_pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
-    if fs_pid:
-        pids.add(fs_pid)
-    rt_pid = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
-    if rt_pid:
-        pids.add(rt_pid)
-    return pids
+    """PIDs of the long-lived helpers, which are not leftovers: devmgr's zygote."""
+    from devmgr._zygote import ZYGOTE
+
+    pid = ZYGOTE.pid
+    return {pid} if pid else set()
 
 
 def _leftovers() -> list[psutil.Process]:
@@ -81,7 +75,7 @@ def _leftovers() -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.TimeoutExpired):
             continue
         out.append(child)
-    # grandchildren forked by the forkserver on our behalf
+    # grandchildren forked by the zygote on our behalf
     for helper in helpers:
         try:
             out.extend(psutil.Process(helper).children(recursive=True))

@@ -416,18 +416,19 @@ def test_commands_queued_behind_remove_are_refused(ipc_dir: Path, ctx: Any) -> N
         wait_until(lambda: not psutil.pid_exists(pid), what="the removed device to exit")
 
 
-def test_a_dead_forkserver_is_replaced(ipc_dir: Path, ctx: Any) -> None:
-    import multiprocessing.forkserver
+def test_a_dead_zygote_is_replaced(ipc_dir: Path, ctx: Any) -> None:
+    from devmgr._zygote import ZYGOTE
 
     with devmgr.Manager(make_config(ipc_dir, {"a": streamer(ipc_dir, "a")})) as manager:
-        server_pid = multiprocessing.forkserver._forkserver._forkserver_pid
+        server_pid = ZYGOTE.pid
         assert server_pid
         os.kill(server_pid, signal.SIGKILL)  # the device dies with it (PDEATHSIG)
         after = wait_until(
             lambda: (d := device(manager, "a"))["state"] == "running" and d["restarts"] >= 1 and d,
             timeout=10,
-            what="a running device from a new forkserver",
+            what="a running device from a new zygote",
         )
+        assert ZYGOTE.pid not in (None, server_pid)
         assert after["restarts"] == 1
         roundtrip(ctx, ipc_dir, "a")
 

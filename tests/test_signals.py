@@ -99,7 +99,7 @@ def test_sighup_reloads_the_config_file(ipc_dir: Path) -> None:
 
 def test_terminal_hangup_of_the_process_group_keeps_every_device(ipc_dir: Path) -> None:
     """Closing the terminal (or SSH session) sends SIGHUP to the whole process group:
-    the manager reloads, and the forkserver, whose death would take every device with
+    the manager reloads, and the zygote, whose death would take every device with
     it, outlives the hang-up, so the devices keep running and keep their PIDs."""
     mgr, _ = _start(ipc_dir, ["a", "b"], new_session=True)
     with mgr:
@@ -134,7 +134,7 @@ def test_sigterm_storm_still_exits_0(ipc_dir: Path) -> None:
 
 def test_nothing_it_started_outlives_devmgr_start(ipc_dir: Path) -> None:
     """After a bounded chaos run (15 SIGKILLs over 5 devices) and a SIGTERM, no process
-    the manager started (device, forkserver, resource tracker) is still running at the
+    the manager started (device, zygote) is still running at the
     moment `devmgr start` has exited: every PID seen below it is checked right then."""
     names = [f"d{i}" for i in range(5)]
     mgr, _ = _start(ipc_dir, names)
@@ -152,7 +152,7 @@ def test_nothing_it_started_outlives_devmgr_start(ipc_dir: Path) -> None:
         proc = mgr.proc
         assert proc is not None
         seen = {p.pid for p in descendants(mgr.pid)} | set(device_children(mgr.pid))
-        assert len(seen) >= 7  # five devices, the forkserver, the resource tracker
+        assert len(seen) >= 6  # five devices, the zygote
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         while proc.poll() is None and time.monotonic() < deadline:

@@ -2,6 +2,10 @@
 
 Usage: python tests/bench/bench_restart.py [--kills 20] [--contenders devmgr,supervisord]
 
+A contender `devmgr@TREE` runs the devmgr of another source tree (with its core built
+in place, e.g. a `git worktree` of an older commit) through PYTHONPATH, for an old-vs-new
+comparison in the same run; a contender named twice is run twice (`name#2`).
+
 For each contender a streamer device (PULL in, PUSH out, both bound on ipc paths) runs
 under its supervisor; a probe PUSHes a timestamp every millisecond into it and PULLs
 from it (reconnect interval 1 ms). Each kill is a SIGKILL of the device's current pid;
@@ -125,7 +129,9 @@ def _request(ctx: zmq.Context[Any], endpoint: str, cmd: str) -> Any:
         sock.close()
 
 
-def run_devmgr(tmp: Path, kills: int, ctx: zmq.Context[Any]) -> list[float]:
+def run_devmgr(
+    tmp: Path, kills: int, ctx: zmq.Context[Any], tree: str | None = None
+) -> list[float]:
     in_ep, out_ep = f"ipc://{tmp}/dm-in", f"ipc://{tmp}/dm-out"
     control = f"ipc://{tmp}/control"
     cfg = tmp / "devmgr.toml"
@@ -139,6 +145,9 @@ def run_devmgr(tmp: Path, kills: int, ctx: zmq.Context[Any]) -> list[float]:
         "[devices.probe.restart]\nmax_restarts = 1000\n"
     )
     env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp))
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([tree, *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONSAFEPATH"] = "1"  # not the current folder's devmgr
     proc = subprocess.Popen(
         [sys.executable, "-m", "devmgr", "start", "-c", str(cfg), "--log-level", "warning"],
         env=env,
@@ -285,17 +294,25 @@ def main() -> int:
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         for name in args.contenders.split(","):
+            key, n = name, 1
+            while key in results:
+                n += 1
+                key = f"{name}#{n}"
             tmp = Path(tempfile.mkdtemp(prefix=f"dmr-{name[:2]}-", dir="/tmp"))
             try:
-                lat = runners[name](tmp, args.kills, ctx)
+                if name.startswith("devmgr@"):
+                    lat = run_devmgr(tmp, args.kills, ctx, tree=name[len("devmgr@") :])
+                else:
+                    lat = runners[name](tmp, args.kills, ctx)
             except RuntimeError as exc:
-                results[name] = {"error": str(exc)}
+                results[key] = {"error": str(exc)}
                 continue
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            results[name] = {
+            results[key] = {
                 "kills": len(lat),
                 "median_ms": round(statistics.median(lat), 1),
+                "p99_ms": round(statistics.quantiles(lat, n=100)[98], 1) if len(lat) > 1 else None,
                 "max_ms": round(max(lat), 1),
                 "min_ms": round(min(lat), 1),
             }

@@ -294,8 +294,7 @@ def graceful_shutdown(
             log = mgr.log()
         assert code == 0, log[-2000:]
         assert exit_s <= stop_timeout + 1.0, exit_s
-        # the devices are gone before the manager exits; its forkserver and resource
-        # tracker notice the closed pipes a moment later
+        # the devices are gone before the manager exits; its zygote is waited for at exit
         assert not alive(device_pids), f"devices left behind: {alive(device_pids)}"
         wait_until(lambda: not alive(doomed), timeout=1.0, what="helpers gone")
         traffic.wait_quiet(quiet=0.5)

@@ -258,7 +258,7 @@ class ManagerProc:
 
 
 def device_children(manager_pid: int) -> dict[int, psutil.Process]:
-    """Return the manager's live device processes (its forkserver's children), by PID."""
+    """Return the manager's live device processes (its zygote's children), by PID."""
     out: dict[int, psutil.Process] = {}
     try:
         helpers = psutil.Process(manager_pid).children()
@@ -266,8 +266,6 @@ def device_children(manager_pid: int) -> dict[int, psutil.Process]:
         return out
     for helper in helpers:
         try:
-            if not any("forkserver" in part for part in helper.cmdline()):
-                continue  # the resource tracker
             for proc in helper.children():
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     out[proc.pid] = proc
