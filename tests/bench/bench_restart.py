@@ -312,9 +312,14 @@ def main() -> int:
             results[key] = {
                 "kills": len(lat),
                 "median_ms": round(statistics.median(lat), 1),
-                "p99_ms": round(statistics.quantiles(lat, n=100)[98], 1) if len(lat) > 1 else None,
+                "p99_ms": (
+                    round(statistics.quantiles(lat, n=100, method="inclusive")[98], 1)
+                    if len(lat) > 1
+                    else None
+                ),
                 "max_ms": round(max(lat), 1),
                 "min_ms": round(min(lat), 1),
+                "all_ms": [round(x, 1) for x in lat],
             }
     finally:
         ctx.destroy(linger=0)
