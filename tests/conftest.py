@@ -54,12 +54,25 @@ def ipc_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# multiprocessing's own helpers, started by the process device classes' "forkserver"
+# start method, as their command lines name them
+_MP_HELPERS = ("from multiprocessing.forkserver import", "from multiprocessing.resource_tracker")
+
+
 def _helper_pids() -> set[int]:
-    """PIDs of the long-lived helpers, which are not leftovers: devmgr's zygote."""
+    """PIDs of the long-lived helpers, which are not leftovers: devmgr's zygote and
+    multiprocessing's forkserver and resource tracker."""
     from devmgr._zygote import ZYGOTE
 
-    pid = ZYGOTE.pid
-    return {pid} if pid else set()
+    pids = {ZYGOTE.pid} if ZYGOTE.pid else set()
+    for child in psutil.Process(os.getpid()).children(recursive=False):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if any(helper in cmdline for helper in _MP_HELPERS):
+            pids.add(child.pid)
+    return pids
 
 
 def _leftovers() -> list[psutil.Process]:
@@ -75,7 +88,7 @@ def _leftovers() -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.TimeoutExpired):
             continue
         out.append(child)
-    # grandchildren forked by the zygote on our behalf
+    # grandchildren forked by the zygote (or multiprocessing's forkserver) on our behalf
     for helper in helpers:
         try:
             out.extend(psutil.Process(helper).children(recursive=True))

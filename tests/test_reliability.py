@@ -33,7 +33,7 @@ Record = Callable[[str, dict[str, Any]], None]
 
 @pytest.fixture(autouse=True)
 def private_runtime(ipc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every manager's runtime folder (and its forkserver's) inside the test's folder."""
+    """Keep every manager's runtime folder (and its zygote's) inside the test's folder."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(ipc_dir))
 
 
