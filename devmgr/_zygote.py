@@ -302,7 +302,9 @@ def serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     from devmgr import _child  # the preload: what makes a start cost one fork
+    from devmgr._proctitle import set_process_title
 
+    set_process_title("devmgr: zygote")
     sock.setblocking(True)
     sock.send(b"READY")
     children: dict[int, socket.socket] = {}  # pid -> its status socket
