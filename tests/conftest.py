@@ -20,6 +20,18 @@ T = TypeVar("T")
 os.environ["PYTHONSAFEPATH"] = "1"
 
 
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited: no such process, or a zombie (dead, not yet reaped).
+
+    A device orphaned by a SIGKILLed manager is reaped by PID 1, which on some machines
+    does so seconds after it died; psutil.pid_exists counts it until then.
+    """
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(
     predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.005, what: str = ""
 ) -> T:

@@ -18,7 +18,7 @@ import zmq
 import devmgr
 from devmgr._config import parse_config
 
-from conftest import wait_until
+from conftest import process_gone, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -341,7 +341,7 @@ def test_manager_sigkill_leaves_no_orphans(ipc_dir: Path, ctx: Any) -> None:
         proc.kill()
         proc.wait(5)
         t0 = time.monotonic()
-        wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=2.0)
+        wait_until(lambda: all(process_gone(p) for p in pids), timeout=2.0)
         assert time.monotonic() - t0 <= 2.0
         # a new manager can bind the same endpoints at once
         proc2 = _start_cli(config)
