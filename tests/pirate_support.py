@@ -104,10 +104,12 @@ class EchoWorker:
         *,
         delay: float = 0.0,
         hold: bool = False,
+        reconnect_ivl_ms: int = 100,
     ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
         self.delay = delay
+        self.reconnect_ivl_ms = reconnect_ivl_ms  # libzmq's default is 100
         self.received: list[bytes] = []
         self.replied = 0
         self._gate = threading.Event()
@@ -134,6 +136,7 @@ class EchoWorker:
     def _run(self) -> None:
         sock = self.ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
         sock.connect(self.endpoint)
         self._ready.set()
         try:

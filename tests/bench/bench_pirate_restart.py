@@ -2,7 +2,8 @@
 
 Usage: python tests/bench/bench_pirate_restart.py [--restarts 6] [--clients 4]
            [--workers 2] [--service 0.03] [--interval 1.0] [--timeout 1.0]
-           [--drain-quiet SECONDS] [--base CHECKOUT] [--json]
+           [--drain-quiet SECONDS] [--pace SECONDS] [--worker-reconnect-ms MS]
+           [--base CHECKOUT] [--json]
 
 A devmgr `queue` (ROUTER in, DEALER out, ipc endpoints) runs under a Manager. `--workers`
 echo workers connect REP sockets to its out-side (as the Guide's rrworker.py does) and
@@ -78,11 +79,18 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
         try:
             while not stop.is_set() and time.monotonic() < hard_limit:
                 client.request(args.timeout, args.retries)
+                if args.pace:
+                    stop.wait(args.pace)
         finally:
             client.close()
 
     with devmgr.Manager(config) as manager:
-        workers = [EchoWorker(ctx, out_ep, delay=args.service).start() for _ in range(args.workers)]
+        workers = [
+            EchoWorker(
+                ctx, out_ep, delay=args.service, reconnect_ivl_ms=args.worker_reconnect_ms
+            ).start()
+            for _ in range(args.workers)
+        ]
         threads = []
         for n in range(args.clients):
             client = LazyPirateClient(ctx, in_ep, f"c{n}")
@@ -144,6 +152,16 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1.0, help="client seconds per try")
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--stop-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--worker-reconnect-ms",
+        type=int,
+        default=100,
+        help="workers' RECONNECT_IVL (libzmq's default 100); above the clients' 100 ms, "
+        "clients are back first, as when workers sit behind a slower network",
+    )
+    parser.add_argument(
+        "--pace", type=float, default=0.0, help="seconds a client waits between requests"
+    )
     parser.add_argument("--drain-quiet", type=float, default=None)
     parser.add_argument("--base", type=Path, default=None, help="baseline checkout")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
