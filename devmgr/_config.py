@@ -29,6 +29,7 @@ from devmgr._spec import (
     Loc,
     ManagerConfig,
     ManagerSettings,
+    SocketSpec,
     config_conflicts,
     did_you_mean,
     format_loc,
@@ -64,9 +65,17 @@ _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 # --------------------------------------------------------------------------- errors
 
 
+#: Problems one ConfigError lists; the rest are counted in a last line.
+MAX_PROBLEMS = 50
+
+
 def _invalid(problems: Iterable[Problem]) -> ConfigError:
     """Build the ConfigError, in text UTF-8 can carry (JSON may hold lone surrogates)."""
-    return ConfigError([Problem(safe_text(p.where), safe_text(p.message)) for p in problems])
+    found = list(problems)
+    listed = [Problem(safe_text(p.where), safe_text(p.message)) for p in found[:MAX_PROBLEMS]]
+    if len(found) > MAX_PROBLEMS:
+        listed.append(Problem("", f"and {len(found) - MAX_PROBLEMS} more problems"))
+    return ConfigError(listed)
 
 
 def _describe(value: object) -> str:
@@ -122,6 +131,9 @@ def problems_from(error: ValidationError, root: type[BaseModel], prefix: Loc = (
         loc = tuple(item["loc"])
         where = format_loc((*prefix, *loc))
         kind = item["type"]
+        if len(problems) >= MAX_PROBLEMS:  # only counted by _invalid: skip the wording
+            problems.append(Problem(where, item["msg"]))
+            continue
         ctx = item.get("ctx") or {}
         if kind == "devmgr" and "issues" in ctx:
             for issue in ctx["issues"]:
@@ -170,6 +182,9 @@ def _device(
     prefix: Loc = ("devices", key) if key is not None else ()
     if not isinstance(data, Mapping):
         return None, [Problem(format_loc(prefix), f"expected a table, got {_describe(data)}")]
+    crowded = _crowded_tables(data, prefix)
+    if crowded:  # not validated key by key: each unknown key costs a did-you-mean
+        return None, crowded
     problems: list[Problem] = []
     table = dict(data)
     if key is not None:
@@ -186,6 +201,28 @@ def _device(
     except ValidationError as exc:
         return None, problems + problems_from(exc, DeviceSpec, prefix)
     return (None if problems else spec), problems
+
+
+#: Keys a device table, or one of its sub-tables, may hold before it is refused whole.
+_MAX_TABLE_KEYS = 64
+
+
+def _crowded_tables(data: Mapping[Any, Any], prefix: Loc) -> list[Problem]:
+    """Report a device table, or a sub-table of it, with far more keys than it has."""
+    tables: list[tuple[Loc, Mapping[Any, Any], type[BaseModel]]] = [(prefix, data, DeviceSpec)]
+    tables.extend(
+        ((*prefix, key), data[key], model)
+        for key, model in (("in", SocketSpec), ("out", SocketSpec), ("mon", SocketSpec))
+        if isinstance(data.get(key), Mapping)
+    )
+    return [
+        Problem(
+            format_loc(where),
+            f"{len(table)} keys; this table has only {', '.join(_keys_of(model))}",
+        )
+        for where, table, model in tables
+        if len(table) > _MAX_TABLE_KEYS
+    ]
 
 
 def _check_files(settings: ManagerSettings) -> list[Problem]:

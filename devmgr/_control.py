@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ControlError
 from devmgr._protocol import COMMANDS, RawJSON, Request
-from devmgr._wire import MAX_REQUEST_BYTES, PROTOCOL_VERSION
+from devmgr._wire import MAX_ERROR_CHARS, MAX_ID_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from devmgr._manager import Manager
@@ -32,12 +33,99 @@ _BURST = 256
 Reply = Callable[[Any, ControlError | None], None]
 
 
+# Problems listed in one error reply; the rest are counted, not listed.
+_LISTED_PROBLEMS = 20
+# More keys than this in a request or its args is refused whole, not key by key.
+_MAX_KEYS = 16
+
+
 def _describe(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
+    for err in errors[:_LISTED_PROBLEMS]:
+        where = ".".join(_short(str(p)) for p in err["loc"]) or "request"
         parts.append(f"{where}: {err['msg']}")
+    if len(errors) > _LISTED_PROBLEMS:
+        parts.append(f"and {len(errors) - _LISTED_PROBLEMS} more problems")
     return "; ".join(parts)
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_short(text)} is out of range (it would be infinite)")
+    return value
+
+
+def _id_problem(request_id: Any) -> str | None:
+    """Say why `request_id` cannot be echoed (too long), else None."""
+    try:
+        size = len(json.dumps(request_id, allow_nan=False))
+    except (ValueError, TypeError, RecursionError):
+        size = MAX_ID_BYTES + 1
+    if size > MAX_ID_BYTES:
+        return f"id: {size} bytes as JSON; the limit is {MAX_ID_BYTES} (it is echoed in the reply)"
+    return None
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    cut = len(message) - MAX_ERROR_CHARS
+    return f"{message[:MAX_ERROR_CHARS]}... ({cut} more characters)"
+
+
+class _Refusal(Exception):
+    """A frame that is not a valid request: the error to answer, with its id if known."""
+
+    def __init__(self, request_id: Any, code: str, message: str) -> None:
+        self.request_id = request_id
+        self.error = ControlError(code, message)
+
+
+def _decode(raw: bytes) -> tuple[Any, str, BaseModel]:
+    """Parse one request frame into (id, command, args); raise _Refusal if it is none.
+
+    Every step is bounded by the frame's size, and so is the error it may give.
+    """
+    try:
+        # strict JSON: NaN, Infinity and 1e999 would come back as invalid JSON
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        raise _Refusal(None, "bad_request", f"not JSON: {_short(str(exc), 200)}") from None
+    request_id: Any = None
+    if isinstance(data, dict):
+        request_id = data.get("id")
+        problem = _id_problem(request_id)
+        if problem is not None:
+            raise _Refusal(None, "bad_request", problem)
+        if len(data) > _MAX_KEYS:
+            keys = ", ".join(Request.model_fields)
+            raise _Refusal(request_id, "bad_request", f"{len(data)} keys; a request has {keys}")
+    try:
+        request = Request.model_validate(data)
+    except ValidationError as exc:
+        raise _Refusal(request_id, "bad_request", _describe(exc)) from None
+    args_model = COMMANDS.get(request.cmd)
+    if args_model is None:
+        known = ", ".join(sorted(COMMANDS))
+        raise _Refusal(request_id, "unknown_command", f"{request.cmd!r}; commands: {known}")
+    if len(request.args) > _MAX_KEYS:
+        takes = ", ".join(args_model.model_fields) or "none"
+        message = f"args: {len(request.args)} keys; it takes {takes}"
+        raise _Refusal(request_id, "bad_request", message)
+    try:
+        return request_id, request.cmd, args_model.model_validate(request.args)
+    except ValidationError as exc:
+        raise _Refusal(request_id, "bad_request", f"args: {_describe(exc)}") from None
 
 
 class ControlServer:
@@ -46,6 +134,8 @@ class ControlServer:
     def __init__(self, manager: Manager, sock: zmq.Socket[bytes]) -> None:
         self.manager = manager
         self.socket = sock
+        #: Replies not sent because the client had CONTROL_SNDHWM replies unread.
+        self.replies_dropped = 0
         self._handlers: dict[str, Callable[[Any, Reply], None]] = {
             "ping": lambda a, r: r("pong", None),
             "version": lambda a, r: r(manager.version_dict(), None),
@@ -93,40 +183,21 @@ class ControlServer:
         if len(raw) > MAX_REQUEST_BYTES:
             send(None, None, ControlError("too_large", f"{len(raw)} bytes; the limit is 1 MiB"))
             return
-        request_id: Any = None
         try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            send(None, None, ControlError("bad_request", f"not JSON: {exc}"))
-            return
-        if isinstance(data, dict):
-            request_id = data.get("id")
-        try:
-            request = Request.model_validate(data)
-        except ValidationError as exc:
-            send(request_id, None, ControlError("bad_request", _describe(exc)))
-            return
-        args_model = COMMANDS.get(request.cmd)
-        if args_model is None:
-            known = ", ".join(sorted(COMMANDS))
-            error = ControlError("unknown_command", f"{request.cmd!r}; commands: {known}")
-            send(request_id, None, error)
-            return
-        try:
-            args: BaseModel = args_model.model_validate(request.args)
-        except ValidationError as exc:
-            send(request_id, None, ControlError("bad_request", f"args: {_describe(exc)}"))
+            request_id, cmd, args = _decode(raw)
+        except _Refusal as refusal:
+            send(refusal.request_id, None, refusal.error)
             return
 
         def reply(result: Any, error: ControlError | None) -> None:
             send(request_id, result, error)
 
         try:
-            self._handlers[request.cmd](args, reply)
+            self._handlers[cmd](args, reply)
         except ControlError as exc:
             reply(None, exc)
         except Exception as exc:
-            log.exception("internal error in %s", request.cmd)
+            log.exception("internal error in %s", cmd)
             reply(None, ControlError("internal", f"{type(exc).__name__}: {exc}"))
 
     def _sender(self, envelope: list[bytes]) -> Callable[[Any, Any, ControlError | None], None]:
@@ -143,13 +214,15 @@ class ControlServer:
                 reply["result"] = result
             else:
                 reply["ok"] = False
-                reply["error"] = {"code": error.code, "message": error.message}
+                reply["error"] = {"code": error.code, "message": _bounded(error.message)}
             try:
                 if isinstance(result, RawJSON) and error is None:
-                    head = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True})
+                    head = json.dumps(
+                        {"v": PROTOCOL_VERSION, "id": request_id, "ok": True}, allow_nan=False
+                    )
                     payload = f'{head[:-1]}, "result": {result}}}'.encode()
                 else:
-                    payload = json.dumps(reply).encode()
+                    payload = json.dumps(reply, allow_nan=False).encode()
             except (TypeError, ValueError):
                 payload = json.dumps(
                     {
@@ -162,8 +235,16 @@ class ControlServer:
             if self.socket.closed:
                 return
             try:
-                # a client that vanished is simply not answered (ROUTER drops it)
+                # ROUTER_MANDATORY: a client that vanished raises EHOSTUNREACH, one that
+                # has CONTROL_SNDHWM replies unread raises EAGAIN; neither is waited for
                 self.socket.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            except zmq.Again:
+                self.replies_dropped += 1
+                if self.replies_dropped in (1, 10) or self.replies_dropped % 1000 == 0:
+                    log.warning(
+                        "a control client does not read its replies: %d dropped so far",
+                        self.replies_dropped,
+                    )
             except zmq.ZMQError as exc:
                 log.debug("could not answer a control request: %s", exc)
 

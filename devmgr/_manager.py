@@ -16,12 +16,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from devmgr._config import load_config, parse_config
+from devmgr._config import load_config
 from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
@@ -35,15 +36,25 @@ from devmgr._paths import (
     unlink_if_ours,
 )
 from devmgr._protocol import RawJSON
-from devmgr._spec import DeviceSpec, ManagerConfig, ManagerSettings
+from devmgr._spec import (
+    DeviceSpec,
+    ManagerConfig,
+    ManagerSettings,
+    config_conflicts,
+    format_loc,
+    render_issue,
+)
 from devmgr._version import __version__
-from devmgr._wire import PROTOCOL_VERSION
+from devmgr._wire import CONTROL_SNDHWM, PROTOCOL_VERSION
 
 log = logging.getLogger("devmgr")
 # Seconds a burst of device events may hold back the systemd STATUS= summary.
 _SUMMARY_DELAY = 0.05
 
 Done = Callable[[Any, ControlError | None], None]
+
+# Devices a reload creates per loop turn before it lets the loop serve other work.
+_APPLY_SLICE = 100
 
 #: Signals on which `run()` drains every device and returns (the manager exits 0).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -109,6 +120,9 @@ class Manager:
         self._stopping_emitted = False
         # ipc files this manager bound (path, (st_dev, st_ino)), to remove if still ours
         self._bound_paths: list[tuple[str, tuple[int, int] | None]] = []
+        # Validation proportional to the input (an `add` spec, a reloaded config file)
+        # runs here, so that it never stalls supervision on the loop thread.
+        self._parser: ThreadPoolExecutor | None = None
         #: Called on the loop thread with (topic, event) for every lifecycle event; it
         #: must return quickly and must not call this Manager's methods.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -276,6 +290,10 @@ class Manager:
                 # Oversized requests are answered `too_large`; far larger ones are cut off
                 # by libzmq before they can cost the manager memory.
                 sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+                # A client that never reads gets at most CONTROL_SNDHWM replies queued;
+                # MANDATORY makes a full queue EAGAIN (counted) instead of a silent drop.
+                sock.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM)
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             try:
                 bound = safe_bind(sock, endpoint, mode=0o600)
             except IpcPathTaken as exc:
@@ -321,6 +339,9 @@ class Manager:
             self._shutdown_requested.set()
 
     def _teardown(self) -> None:
+        if self._parser is not None:
+            self._parser.shutdown(wait=False, cancel_futures=True)
+            self._parser = None
         if self._fleet is not None:
             self._fleet.close()
         if self._control is not None:
@@ -466,6 +487,32 @@ class Manager:
 
         return self._call(fn)
 
+    def _off_loop(
+        self, work: Callable[[], Any], then: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """Run `work()` on the parse thread; call `then(result, error)` on the loop.
+
+        One parse thread, so requests sent off the loop come back in the order they came.
+        """
+        if self._parser is None:  # made at the first use, shut down at teardown
+            self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devmgr-parse")
+        loop, parser = self._loop, self._parser
+        assert loop is not None
+
+        def run() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = work()
+            except Exception as exc:  # handed to `then`, on the loop
+                error = exc
+            try:
+                loop.call_soon_threadsafe(lambda: then(result, error))
+            except RuntimeError:  # the manager stopped meanwhile: nobody to answer
+                pass
+
+        parser.submit(run)
+
     def _emit(self, topic: str, **fields: Any) -> None:
         event = {"event": topic, "at": round(time.time(), 6), **fields}
         _log_event(event)
@@ -503,7 +550,9 @@ class Manager:
             n for n, d in zip(dict.fromkeys(names), found, strict=True) if d is None or d.removed
         ]
         if unknown:
-            raise ControlError("unknown_device", f"no device named {', '.join(map(repr, unknown))}")
+            listed = ", ".join(repr(n if len(n) <= 64 else n[:61] + "...") for n in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise ControlError("unknown_device", f"no device named {listed}{more}")
         return [d for d in found if d is not None]
 
     # ---- loop-side operations (also used by the control server) ------------------------
@@ -517,6 +566,7 @@ class Manager:
             "config": str(self.config.path) if self.config.path else None,
             "control": settings.control,
             "events": settings.events,
+            "replies_dropped": self._control.replies_dropped if self._control else 0,
         }
 
     def status_dict(self, names: list[str] | None = None) -> dict[str, Any]:
@@ -531,7 +581,8 @@ class Manager:
         devices = self._devices(names)
         manager = self._manager_info()
         parts = ",".join(self._fleet.status_json(d) for d in devices)
-        return RawJSON(f'{{"manager":{json.dumps(manager)},"devices":[{parts}]}}')
+        head = json.dumps(manager, allow_nan=False)
+        return RawJSON(f'{{"manager":{head},"devices":[{parts}]}}')
 
     def version_dict(self) -> dict[str, Any]:
         return {"version": __version__, "protocol": PROTOCOL_VERSION}
@@ -574,18 +625,30 @@ class Manager:
     def _add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
         from devmgr._config import parse_device
 
+        if isinstance(data, DeviceSpec):
+            self._add_spec(data, done)
+            return
+
+        def refused(error: ControlError) -> None:
+            log.info("add %s refused: %s: %s", data.get("name"), error.code, error.message)
+            done(None, error)
+
+        # validation is proportional to the spec: on the parse thread, not the loop
+        self._off_loop(lambda: parse_device(data), _answering(done, self._add_spec, refused))
+
+    def _add_spec(self, spec: DeviceSpec, done: Done) -> None:
         assert self._fleet is not None
         fleet = self._fleet
-        try:
-            spec = data if isinstance(data, DeviceSpec) else parse_device(data)
-        except ConfigError as exc:
-            raise ControlError("invalid_spec", str(exc)) from exc
         if spec.name in fleet.devices:
             raise ControlError("conflict", f"a device named {spec.name!r} exists already")
         refusal = fleet.fds.check()
         if refusal is not None:
             raise ControlError("conflict", refusal)
-        self._config_with({**fleet.specs(), spec.name: spec})  # cross-device checks
+        # cross-device checks: linear in the binds, no re-validation of the other devices
+        issues = config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})
+        if issues:
+            lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))
+            raise ControlError("conflict", "\n".join(lines))
         dev = fleet.add_device(spec)
 
         def started(_r: Any, error: ControlError | None) -> None:
@@ -602,19 +665,6 @@ class Manager:
             fleet.remove(dev, lambda _r2, _e2: done(None, error))
 
         fleet.start(dev, started)
-
-    def _config_with(self, devices: dict[str, DeviceSpec]) -> ManagerConfig:
-        """Re-check the whole config with a changed device set (duplicate endpoints...)."""
-        data = self.config.model_dump(mode="json", by_alias=True, exclude={"path"})
-        data["devices"] = {
-            n: {k: v for k, v in s.model_dump(mode="json", by_alias=True).items() if k != "name"}
-            for n, s in devices.items()
-        }
-        try:
-            return parse_config(data, path=self.config.path)
-        except ConfigError as exc:
-            duplicate = any("also bound" in p.message for p in exc.problems)
-            raise ControlError("conflict" if duplicate else "invalid_spec", str(exc)) from exc
 
     def op_remove(self, name: str, done: Done) -> None:
         assert self._fleet is not None
@@ -653,17 +703,26 @@ class Manager:
             )
             done(None if error else diff, error)
 
+        def refused(exc: ControlError) -> None:
+            self._notify.ready()
+            log.info("reload refused: %s: %s", exc.code, exc.message)
+            done(None, exc)
+
         try:
-            self._reload(config, finished, expect_path)
+            self._reload(config, finished, expect_path, refused)
         except ControlError as exc:
             self._notify.ready()
             log.info("reload refused: %s: %s", exc.code, exc.message)
             raise
 
-    def _reload(self, config: ManagerConfig | None, done: Done, expect_path: str | None) -> None:
+    def _reload(
+        self,
+        config: ManagerConfig | None,
+        done: Done,
+        expect_path: str | None,
+        refused: Callable[[ControlError], None],
+    ) -> None:
         """Diff and apply; `done(diff, error)` gets the diff also when a start failed."""
-        assert self._fleet is not None
-        fleet = self._fleet
         if config is None:
             if expect_path is not None and not _same_file(self.config.path, expect_path):
                 runs = (
@@ -677,14 +736,19 @@ class Manager:
                     f"(reload without -c, or start a manager with -c {expect_path} and a "
                     "control endpoint of its own)",
                 )
-            if self.config.path is None:
+            path = self.config.path
+            if path is None:
                 raise ControlError(
                     "invalid_spec", "the manager runs the embedded default config: no file"
                 )
-            try:
-                config = load_config(self.config.path)
-            except ConfigError as exc:
-                raise ControlError("invalid_spec", str(exc)) from exc
+            # reading and validating the file costs ~1 ms per device: not on the loop
+            self._off_loop(lambda: load_config(path), _answering(done, self._apply, refused))
+            return
+        self._apply(config, done)
+
+    def _apply(self, config: ManagerConfig, done: Done) -> None:
+        assert self._fleet is not None
+        fleet = self._fleet
         # What runs is the truth to diff against (an `add` may not be in self.config yet).
         old, new = fleet.specs(), config.devices
         added = [n for n in new if n not in old]
@@ -702,17 +766,32 @@ class Manager:
         }
         self.config = config.model_copy(update={"manager": self.config.manager})
 
-        def start_phase(_r: Any, _e: ControlError | None) -> None:
-            to_start = []
-            for name in changed + added:
+        to_add = changed + added
+        to_start: list[Device] = []
+        is_new = set(added)
+
+        def add_slice(begin: int) -> None:
+            # a slice per loop turn: 2,000 new devices in one turn held the loop ~0.4 s
+            end = begin + _APPLY_SLICE
+            for name in to_add[begin:end]:
+                if name in fleet.devices:  # an `add` or another reload took it meanwhile
+                    log.warning("reload: %s was added meanwhile; that one is kept", name)
+                    continue
                 dev = fleet.add_device(new[name])
-                if name in added:
+                if name in is_new:
                     self._emit("device.added", device=name, kind=new[name].kind, by="reload")
                 if new[name].autostart:
                     to_start.append(dev)
+            if end < len(to_add):
+                assert self._loop is not None
+                self._loop.call_later(0, lambda: add_slice(end))
+                return
             finish = _gather(len(to_start), lambda _r, err: done(result, err), lambda: result)
             for dev in to_start:
                 fleet.start(dev, finish)
+
+        def start_phase(_r: Any, _e: ControlError | None) -> None:
+            add_slice(0)
 
         def stopped(name: str) -> Done:
             def one(_r: Any, error: ControlError | None) -> None:
@@ -831,6 +910,32 @@ def _log_warnings(settings: ManagerSettings) -> None:
     """Log what `devmgr validate` warns about, at every start (insecure_tcp_control)."""
     for place, message in settings.warnings():
         log.warning("%s: %s", place, message)
+
+
+def _answering(
+    done: Done,
+    then: Callable[[Any, Done], None],
+    refused: Callable[[ControlError], None] | None = None,
+) -> Callable[[Any, BaseException | None], None]:
+    """Return the loop-side callback of `_off_loop`: `then(result, done)`, or the refusal."""
+
+    def resume(result: Any, error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                raise error
+            then(result, done)
+        except ConfigError as exc:
+            refusal = ControlError("invalid_spec", str(exc))
+        except ControlError as exc:
+            refusal = exc
+        except Exception as exc:  # a bug must cost one request, never the manager
+            log.exception("internal error after validation")
+            refusal = ControlError("internal", f"{type(exc).__name__}: {exc}")
+        else:
+            return
+        (refused or (lambda e: done(None, e)))(refusal)
+
+    return resume
 
 
 def _log_event(event: dict[str, Any]) -> None:

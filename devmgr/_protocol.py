@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from devmgr._wire import PROTOCOL_VERSION, ErrorCode, ProtocolVersion, Reason, State
+from devmgr._wire import MAX_NAMES, PROTOCOL_VERSION, ErrorCode, ProtocolVersion, Reason, State
 
 
 class RawJSON(str):
@@ -53,12 +53,16 @@ class NoArgs(_Strict):
 
 class StatusArgs(_Strict):
     names: list[str] | None = Field(
-        default=None, description="devices to report (default: all); an unknown name is an error"
+        default=None,
+        max_length=MAX_NAMES,
+        description="devices to report (default: all); an unknown name is an error",
     )
 
 
 class NamesArgs(_Strict):
-    names: list[str] = Field(min_length=1, description='device names; ["*"] means every device')
+    names: list[str] = Field(
+        min_length=1, max_length=MAX_NAMES, description='device names; ["*"] means every device'
+    )
 
 
 class NameArgs(_Strict):
@@ -207,6 +211,10 @@ class ManagerStatus(_Strict):
     config: str | None = Field(description="the config file; null for the embedded default")
     control: str = Field(description="the control endpoint")
     events: str = Field(description="the events endpoint")
+    replies_dropped: int = Field(
+        default=0,
+        description="control replies not sent because their client had 100 replies unread",
+    )
 
 
 class StatusResult(_Strict):

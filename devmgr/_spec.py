@@ -70,6 +70,13 @@ IPC_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 
+# Bounds that keep validating one spec cheap however large the input (a control request
+# may be 1 MiB): more is refused with one problem instead of being checked item by item.
+#: Endpoints in one socket's `bind` list, and in its `connect` list.
+MAX_ENDPOINTS = 64
+#: Options set on one socket (libzmq has about 70).
+MAX_OPTIONS = 64
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -540,26 +547,40 @@ def find_bind_conflicts(binds: Iterable[tuple[Loc, str]]) -> list[Issue]:
     """Report every bind that overlaps an earlier one, at the later place.
 
     Overlap: the same ipc path, or the same tcp port with the same address or a '*' on
-    either side (libzmq would fail with EADDRINUSE).
+    either side (libzmq would fail with EADDRINUSE). Linear in the number of binds: each
+    one is looked up by its address, and by its port for the '*' cases.
     """
-    seen: list[tuple[Loc, str, BindKey]] = []
+    Holder = tuple[int, Loc, str]  # (order, place, endpoint) of the first bind of a key
+    exact: dict[BindKey, Holder] = {}
+    port_any: dict[int, Holder] = {}  # tcp port -> its first bind, whatever the address
+    port_star: dict[int, Holder] = {}  # tcp port -> its first bind on '*'
     issues: list[Issue] = []
-    for loc, endpoint in binds:
+    for order, (loc, endpoint) in enumerate(binds):
         keys = bind_key(endpoint)
-        clash = next(
-            (
-                (other_loc, other_ep)
-                for key in keys
-                for other_loc, other_ep, other in seen
-                if _keys_conflict(key, other)
-            ),
-            None,
-        )
+        clash: Holder | None = None
+        for key in keys:
+            if key[0] == "tcp":
+                port = key[2]  # type: ignore[misc]
+                found = (
+                    [port_any.get(port)] if key[1] == "*" else [exact.get(key), port_star.get(port)]
+                )
+            else:
+                found = [exact.get(key)]
+            holders = [h for h in found if h is not None]
+            if holders:
+                clash = min(holders, key=lambda h: h[0])  # the earliest, as they were bound
+                break
         if clash is not None:
-            other_loc, other_ep = clash
+            _, other_loc, other_ep = clash
             as_other = "" if other_ep == endpoint else f", as {other_ep},"
             issues.append((loc, f"{endpoint} is also bound{as_other} at {{ref}}", other_loc))
-        seen.extend((loc, endpoint, key) for key in keys)
+        holder: Holder = (order, loc, endpoint)
+        for key in keys:
+            exact.setdefault(key, holder)
+            if key[0] == "tcp":
+                port_any.setdefault(key[2], holder)  # type: ignore[misc]
+                if key[1] == "*":
+                    port_star.setdefault(key[2], holder)  # type: ignore[misc]
     return issues
 
 
@@ -656,14 +677,19 @@ class SocketSpec(BaseModel):
         description="ZeroMQ socket type name, e.g. ROUTER, DEALER, PUB, SUB, XPUB, XSUB, "
         "PULL, PUSH, PAIR (case-insensitive; stored upper case)"
     )
-    bind: tuple[StrictStr, ...] = Field(default=(), description="endpoints to bind")
-    connect: tuple[StrictStr, ...] = Field(default=(), description="endpoints to connect to")
+    bind: tuple[StrictStr, ...] = Field(
+        default=(), max_length=MAX_ENDPOINTS, description="endpoints to bind"
+    )
+    connect: tuple[StrictStr, ...] = Field(
+        default=(), max_length=MAX_ENDPOINTS, description="endpoints to connect to"
+    )
     options: dict[str, int | str | list[str]] = Field(
         default_factory=dict,
         description="socket options by pyzmq's lower-case name (sndhwm, linger, subscribe, "
         "routing_id, ...); bytes options take UTF-8 strings, subscribe also a list",
         # The schema describes input: on/off options may also be written true/false.
         json_schema_extra={
+            "maxProperties": MAX_OPTIONS,
             "propertyNames": {"enum": list(SETTABLE_OPTIONS)},
             "additionalProperties": {
                 "anyOf": [
@@ -689,6 +715,16 @@ class SocketSpec(BaseModel):
             message = f"{value!r} is not a ZeroMQ socket type{did_you_mean(value, choices)}"
         raise _error(message)
 
+    @field_validator("bind", "connect", mode="before")
+    @classmethod
+    def _few_endpoints(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, list | tuple) and len(value) > MAX_ENDPOINTS:
+            raise _error(
+                f"{len(value)} endpoints; a socket takes at most {MAX_ENDPOINTS} in "
+                f"{info.field_name}"
+            )
+        return value
+
     @field_validator("bind", "connect", mode="after")
     @classmethod
     def _endpoints(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
@@ -709,6 +745,8 @@ class SocketSpec(BaseModel):
     def _options(cls, value: object, info: ValidationInfo) -> object:
         if not isinstance(value, Mapping):
             return value  # pydantic reports the type error
+        if len(value) > MAX_OPTIONS:  # not checked one by one: each costs a did-you-mean
+            raise _error(f"{len(value)} options; a socket takes at most {MAX_OPTIONS}")
         socket_type = SOCKET_TYPES.get(str(info.data.get("type", "")).upper())
         normalised: dict[str, OptionValue] = {}
         issues: list[Issue] = []

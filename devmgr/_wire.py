@@ -26,6 +26,15 @@ PROTOCOL_VERSION: Final[ProtocolVersion] = get_args(ProtocolVersion)[0]
 
 #: A request frame larger than this is answered `too_large` without being parsed.
 MAX_REQUEST_BYTES: Final = 1 << 20
+#: The longest `id` (as JSON) a request may carry: it is echoed in the reply.
+MAX_ID_BYTES: Final = 1024
+#: The longest error message a reply carries; a longer one is cut, saying how much.
+MAX_ERROR_CHARS: Final = 16 << 10
+#: The most names one `status`, `start`, `stop` or `restart` request may give.
+MAX_NAMES: Final = 10_000
+#: Replies queued for one control client that does not read them; more are dropped
+#: (and counted in `status`'s `manager.replies_dropped`).
+CONTROL_SNDHWM: Final = 100
 
 #: The `error.code` of an error reply.
 ErrorCode = Literal[
