@@ -41,6 +41,7 @@ from devmgr._spec import (
     ManagerConfig,
     ManagerSettings,
     config_conflicts,
+    drain_budget_issues,
     format_loc,
     render_issue,
 )
@@ -645,10 +646,13 @@ class Manager:
         if refusal is not None:
             raise ControlError("conflict", refusal)
         # cross-device checks: linear in the binds, no re-validation of the other devices
-        issues = config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})
-        if issues:
-            lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))
-            raise ControlError("conflict", "\n".join(lines))
+        for code, issues in (
+            ("conflict", config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})),
+            ("invalid_spec", drain_budget_issues(self.config.manager, {spec.name: spec})),
+        ):
+            if issues:
+                lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))
+                raise ControlError(code, "\n".join(lines))
         dev = fleet.add_device(spec)
 
         def started(_r: Any, error: ControlError | None) -> None:

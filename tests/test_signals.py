@@ -81,8 +81,14 @@ def test_sighup_reloads_the_config_file(ipc_dir: Path) -> None:
         before = {n: d["pid"] for n, d in mgr.wait_running(2).items()}
         write_config(path, _config(ipc_dir, ["keep", "new"]))
         mgr.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        after = mgr.wait_running(2)
-        assert set(after) == {"keep", "new"}
+
+        def reloaded() -> dict[str, Any]:
+            # the file is read off the loop: a status may come before the reload is applied
+            running = mgr.wait_running(2)
+            assert set(running) == {"keep", "new"}
+            return running
+
+        after = wait_until(reloaded, timeout=10, what="the reloaded devices")
         assert after["keep"]["pid"] == before["keep"]  # unchanged: not restarted
         wait_until(lambda: "SIGHUP: reloaded" in mgr.log(), timeout=10, what="the reload log")
         assert "added new" in mgr.log() and "removed gone" in mgr.log()
