@@ -185,7 +185,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _client_opts(p)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
-    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per message: each frame's display form and its exact bytes "
+        "in hex (docs/cli.md)",
+    )
 
     p = sub.add_parser("events", help="print lifecycle events as they happen")
     _client_opts(p)

@@ -300,16 +300,21 @@ def _subscriber(
         ctx.term()
 
 
-def render_frame(frame: bytes, limit: int | None = 256) -> str:
-    """Show a frame as text when it is printable UTF-8, else as `0x` and hex."""
+def render_frame(frame: bytes, limit: int | None = 256, empty: str = "''") -> str:
+    """Show a frame as text when it is printable UTF-8, else as `0x` and hex.
+
+    An empty frame shows as `empty` (`''` in tap's text lines, `""` in its JSON). Text
+    that could be mistaken for either form (it starts with `0x`, or is the two
+    characters `''`) shows as hex, so the display form is never ambiguous.
+    """
     if not frame:
-        return "''"
+        return empty
     shown = frame if limit is None else frame[:limit]
     try:
         text = shown.decode()
     except UnicodeDecodeError:
         text = None
-    if text is not None and text.isprintable() and not text.startswith("0x"):
+    if text is not None and text.isprintable() and not text.startswith("0x") and text != "''":
         body = text
     else:
         body = "0x" + shown.hex()
@@ -343,11 +348,14 @@ def tap_main(args: argparse.Namespace) -> int:
 def _tap_line(frames: list[bytes], as_json: bool) -> str:
     direction, rest = (frames[0], frames[1:]) if frames else (b"", [])
     if as_json:
+        # "frames" is the display form (an empty frame is ""); "hex" the exact bytes of
+        # each frame, from which the message can be rebuilt byte for byte.
         entry = {
             "at": round(time.time(), 6),
             "direction": direction.decode(errors="replace"),
-            "frames": [render_frame(f, None) for f in rest],
+            "frames": [render_frame(f, None, empty="") for f in rest],
             "hex": [f.hex() for f in rest],
+            "sizes": [len(f) for f in rest],
         }
         return json.dumps(entry)
     label = direction.decode(errors="replace") or "-"

@@ -207,3 +207,72 @@ def test_every_long_command_is_followed() -> None:
         "resume",
         "stats",
     }
+
+
+# ---- 13.11: tap --json ----------------------------------------------------------------
+
+
+def test_tap_json_gives_the_exact_frames(ipc_dir: Path) -> None:
+    import json
+
+    import zmq
+    from ctl_support import monitored
+
+    config = write_config(ipc_dir / "devmgr.toml", {"q": monitored(ipc_dir, "q")})
+    frames = [b"", b"''", b"0xab", b"\x00\xff\xfe", "grüße".encode(), b"x" * 300]
+    with manager_process(config, private_env(ipc_dir)):
+        _pid(config, "q")
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        front, back = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for sock in (front, back):
+            sock.setsockopt(zmq.LINGER, 0)
+        front.connect(f"ipc://{ipc_dir}/q-in")
+        back.connect(f"ipc://{ipc_dir}/q-out")  # a peer to forward to: the queue moves
+        try:
+            lines: dict[bool, list[str]] = {}
+            for as_json in (True, False):
+                argv = ["tap", "q", "-c", str(config), "--count", "1"]
+                with subprocess.Popen(
+                    [*devmgr_command(), *argv, *(["--json"] if as_json else [])],
+                    env=private_env(ipc_dir),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ) as tap:
+                    try:
+                        assert tap.stderr is not None and tap.stderr.readline()  # the banner
+
+                        def printed() -> bool:
+                            front.send_multipart(frames)  # until the subscription is in
+                            while back.poll(0):
+                                back.recv_multipart()
+                            try:
+                                tap.wait(0.1)
+                            except subprocess.TimeoutExpired:
+                                return False
+                            return True
+
+                        wait_until(printed, timeout=15, what="tap to print a message")
+                        out, _ = tap.communicate(timeout=5)
+                        assert tap.returncode == 0
+                    finally:
+                        if tap.poll() is None:
+                            tap.kill()
+                lines[as_json] = out.splitlines()
+        finally:
+            front.close()
+            back.close()
+            ctx.term()
+    entry = json.loads(lines[True][0])
+    assert entry["direction"] == "in"
+    identity = bytes.fromhex(entry["hex"][0])  # the ROUTER's routing id comes first
+    assert len(identity) == 5
+    display = entry["frames"][1:]
+    assert display[0] == ""  # an empty frame is "", not the two characters ''
+    assert [bytes.fromhex(h) for h in entry["hex"]] == [identity, *frames]  # exact
+    assert entry["sizes"] == [5, *map(len, frames)]
+    assert display[1:5] == ["0x2727", "0x30786162", "0x00fffe", "grüße"]
+    assert display[5] == "x" * 300  # JSON is never cut short
+    text = lines[False][0]
+    assert text.startswith("in ") and " | '' | 0x2727 | 0x30786162 | 0x00fffe | grüße | " in text
+    assert text.endswith("...(300 bytes)")
