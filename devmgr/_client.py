@@ -8,6 +8,7 @@ rather than by validating the whole config.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -718,7 +719,7 @@ class _PyzmqTransport(_Transport):
 
     def recv(self, deadline: float) -> list[bytes] | None:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._sock.poll(max(1, int(remaining * 1000)), self._zmq.POLLIN):
+        if remaining <= 0 or not self._sock.poll(math.ceil(remaining * 1000), self._zmq.POLLIN):
             return None
         return self._sock.recv_multipart(self._zmq.NOBLOCK)
 

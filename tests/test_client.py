@@ -165,7 +165,7 @@ def test_timeout_does_not_poison_the_next_request(transport: str, ipc_dir: Path)
             started = time.monotonic()
             with pytest.raises(ManagerUnreachable, match="no reply") as caught:
                 client.request("ping", timeout=0.3)
-            assert time.monotonic() - started >= 0.3  # something listens: the timeout
+            assert time.monotonic() - started >= 0.25  # something listens: the timeout
             assert caught.value.listening is True
             assert "something listens there but did not answer" in str(caught.value)
         finally:
