@@ -33,6 +33,7 @@ _HANDLERS: dict[str, str] = {
     "shutdown": "devmgr._ctl:simple_main",
     "ping": "devmgr._ctl:simple_main",
     "version": "devmgr._ctl:simple_main",
+    "logs": "devmgr._logs:logs_main",
     "tap": "devmgr._ctl:tap_main",
     "events": "devmgr._ctl:events_main",
     "top": "devmgr._top:top_main",
@@ -124,6 +125,31 @@ def _bench_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _logs_opts(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of `devmgr logs`."""
+    _client_opts(p)
+    p.add_argument("name", metavar="NAME", help="the device")
+    p.add_argument(
+        "-n", "--lines", type=int, default=50, metavar="N", help="the last N lines (default 50)"
+    )
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="then print new lines as they come, until Ctrl-C",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="with -f: seconds between two requests for new lines (default 0.25)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per line: seq, at, pid, line"
+    )
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Return the parser for every devmgr subcommand (docs/cli.md), or just for `only`.
 
@@ -180,6 +206,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=what)
         _client_opts(p)
+
+    p = sub.add_parser(
+        "logs",
+        help="print what a device wrote to stderr (the manager keeps its last 1000 lines)",
+    )
+    _logs_opts(p)
 
     p = sub.add_parser("tap", help="print what passes through a device's monitor socket")
     _client_opts(p)

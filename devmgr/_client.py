@@ -436,6 +436,17 @@ class Client:
         """Return the device's 8 STATISTICS counters (docs/protocol.md) by their `stats()` keys."""
         return dict(self.request("stats", {"name": name}))
 
+    def logs(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]:
+        """Return a device's stderr lines from the manager's buffer (docs/protocol.md `logs`).
+
+        The last `lines` lines; with `after` (the `last_seq` of an earlier answer) the
+        first `lines` lines written since, which is how `devmgr logs -f` follows.
+        """
+        args: dict[str, Any] = {"name": name, "lines": lines}
+        if after is not None:
+            args["after"] = after
+        return dict(self.request("logs", args))
+
     def add(self, spec: Any) -> dict[str, Any]:
         """Add and start a device from a `DeviceSpec` or a dict with `name`; return its status."""
         if hasattr(spec, "model_dump"):

@@ -150,6 +150,7 @@ class ControlServer:
             "remove": lambda a, r: manager.op_remove(a.name, r),
             "reload": lambda a, r: manager.op_reload(None, r, expect_path=a.config),
             "shutdown": lambda a, r: manager.op_shutdown(r),
+            "logs": lambda a, r: r(manager.logs_dict(a.name, a.lines, a.after), None),
         }
         assert set(self._handlers) == set(COMMANDS), "every command needs a handler"
 

@@ -264,6 +264,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "protocol-device-status": _result(_protocol.DeviceStatus),
     "protocol-last-exit": _result(_protocol.LastExit),
     "protocol-reload-result": _result(_protocol.ReloadResult),
+    "protocol-logs-result": _result(_protocol.LogsResult),
+    "protocol-log-line": _result(_protocol.LogLine),
     "protocol-statistics": _statistics,
     "event-topics": _events,
     "event-fields": _result(_protocol.Event),

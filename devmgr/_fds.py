@@ -18,8 +18,9 @@ import time
 log = logging.getLogger("devmgr")
 
 #: fds the manager holds per device process: its status socket (the sentinel), its
-#: pidfd, the /proc stat file of the health sampler, the control connection.
-PER_DEVICE = 4
+#: pidfd, its stderr pipe, the /proc stat file of the health sampler, the control
+#: connection.
+PER_DEVICE = 5
 #: Kept free for the manager's own use: 64 control and 64 events connections, 16 metrics
 #: connections, the transient pipes of a spawn, libzmq's internals. Capped at a quarter
 #: of the limit, so a tiny limit still leaves room for a few devices.

@@ -17,6 +17,7 @@ import copy
 import errno as errno_mod
 import json
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -28,6 +29,7 @@ import zmq
 
 from devmgr import _child
 from devmgr._devices import STAT_KEYS, parse_stats
+from devmgr._devlog import EXIT_LINES, DeviceLog, StderrPipe, new_pipe
 from devmgr._errors import ControlError, DevmgrError
 from devmgr._fds import FdBudget
 from devmgr._loop import EventLoop, Timer
@@ -116,6 +118,9 @@ class Device:
         self.endpoints = spec.endpoints()  # the spec is frozen: compute once
         # (key of the values it was built from, status JSON without uptime and leading "{")
         self.json_cache: tuple[tuple[Any, ...], str] | None = None
+        self.log = DeviceLog(spec.name)  # its stderr lines, across its processes
+        self.stderr: StderrPipe | None = None  # the current child's stderr pipe
+        self.exit_stderr: tuple[str, ...] = ()  # the last lines of the last exited process
 
     @property
     def name(self) -> str:
@@ -426,15 +431,21 @@ class Fleet:
         dev.stats = dict(_ZERO_STATS)
         dev.stats_at = None
         plan = device_plan(dev.spec, self.stop_timeout)
+        stderr_r, stderr_w = new_pipe()
         try:  # a zygote found dead is replaced on the way
-            proc = ZYGOTE.spawn((plan, self._ctrl_endpoint, dev.ident))
+            proc = ZYGOTE.spawn((plan, self._ctrl_endpoint, dev.ident), stderr_fd=stderr_w)
         except Exception as exc:  # the zygote could not be started or refused: a failed start
+            os.close(stderr_r)
             log.error("could not spawn %s: %s", dev.name, exc)
             self._close_ctrl(dev)
             dev.failure = {"message": str(exc)}
             self._act(dev, dev.sup.spawn_failed(str(exc)))
             return
+        finally:
+            os.close(stderr_w)  # the child has its own copy
         dev.proc = proc
+        pipe = dev.stderr = StderrPipe(stderr_r, proc.pid, dev.log)
+        self.loop.add_reader(stderr_r, lambda: self._on_stderr(dev, pipe))
         dev.sup.spawned(proc.pid)
         dev.sampler = ProcSampler(proc.pid)
         self.loop.add_reader(proc.sentinel, lambda: self._on_exit(dev, proc))
@@ -514,16 +525,30 @@ class Fleet:
             self.emit("device.running", device=dev.name, pid=dev.proc.pid)
         self._changed(dev)
 
+    def _on_stderr(self, dev: Device, pipe: StderrPipe) -> None:
+        if not pipe.read():  # EOF: the child (and whatever shared its stderr) is gone
+            self._close_stderr(dev, pipe)
+
+    def _close_stderr(self, dev: Device, pipe: StderrPipe) -> None:
+        if pipe.fd is not None:
+            self.loop.remove_reader(pipe.fd)
+        pipe.drain()  # the last lines, then close
+        if dev.stderr is pipe:
+            dev.stderr = None
+
     def _on_exit(self, dev: Device, proc: Child) -> None:
         exitcode = proc.poll()
         if exitcode is None:
             return
         # The child's last words (a FAILED report) may still wait on the control socket
-        # when the sentinel wins the race: read them first.
+        # when the sentinel wins the race: read them first, and what it wrote to stderr.
         self._on_ctrl()
         self.loop.remove_reader(proc.sentinel)
         pid = proc.pid
         proc.close()
+        if dev.stderr is not None and dev.stderr.pid == pid:
+            self._close_stderr(dev, dev.stderr)
+        dev.exit_stderr = tuple(dev.log.of_pid(pid, EXIT_LINES))
         if proc.lost:
             log.warning("%s (pid %s): the zygote died; the device died with it", dev.name, pid)
         if exitcode == _child.EXIT_START_FAILED and dev.failure is None:
@@ -545,7 +570,15 @@ class Fleet:
         action = dev.sup.exited(code, sig, pid=pid or None)
         last = dev.sup.last_exit
         reason = last.reason.value if last else "exited"
-        self.emit("device.exited", device=dev.name, pid=pid, code=code, signal=sig, reason=reason)
+        self.emit(
+            "device.exited",
+            device=dev.name,
+            pid=pid,
+            code=code,
+            signal=sig,
+            reason=reason,
+            stderr=list(dev.exit_stderr),
+        )
         if dev.sup.state is State.FATAL:
             self.emit("device.fatal", device=dev.name, reason=reason)
         elif dev.sup.state is State.STOPPED:
@@ -645,7 +678,11 @@ class Fleet:
             "pid": sup.pid,
             "uptime_s": round(uptime, 3) if uptime is not None else None,
             "restarts": sup.restarts,
-            "last_exit": sup.last_exit.as_dict() if sup.last_exit else None,
+            "last_exit": (
+                {**sup.last_exit.as_dict(), "stderr": list(dev.exit_stderr)}
+                if sup.last_exit
+                else None
+            ),
             "cpu_percent": dev.cpu_percent,
             "rss_bytes": dev.rss_bytes,
             "num_fds": dev.num_fds,
@@ -672,6 +709,7 @@ class Fleet:
             sup.pid,
             sup.restarts,
             sup.last_exit,
+            dev.exit_stderr,
             dev.cpu_percent,
             dev.rss_bytes,
             dev.num_fds,
@@ -694,6 +732,8 @@ class Fleet:
             for key in list(dev.timers):
                 dev.cancel_timer(key)
             self._close_ctrl(dev)
+            if dev.stderr is not None:
+                self._close_stderr(dev, dev.stderr)
         if self._ctrl is not None:
             self.loop.remove_reader(self._ctrl)
             self._ctrl.close(linger=0)

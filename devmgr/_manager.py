@@ -585,6 +585,11 @@ class Manager:
         head = json.dumps(manager, allow_nan=False)
         return RawJSON(f'{{"manager":{head},"devices":[{parts}]}}')
 
+    def logs_dict(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]:
+        """The `logs` result: a device's stderr lines from its buffer (docs/protocol.md)."""
+        (dev,) = self._devices([name])
+        return dev.log.tail(lines, after)
+
     def version_dict(self) -> dict[str, Any]:
         return {"version": __version__, "protocol": PROTOCOL_VERSION}
 
@@ -865,6 +870,10 @@ class Manager:
 
     def stats(self, name: str) -> dict[str, int]:
         return self._call_op(self.op_device_command, "stats", name)  # type: ignore[no-any-return]
+
+    def logs(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]:
+        """Return the same data as the control command `logs`: the device's stderr lines."""
+        return self._call_op(lambda done: done(self.logs_dict(name, lines, after), None))  # type: ignore[no-any-return]
 
     def add(self, spec: DeviceSpec | dict[str, Any]) -> dict[str, Any]:
         return self._call_op(self.op_add, spec)  # type: ignore[no-any-return]

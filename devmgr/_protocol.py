@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from devmgr._devlog import BUFFER_LINES, EXIT_LINES, MAX_LINE
 from devmgr._wire import MAX_NAMES, PROTOCOL_VERSION, ErrorCode, ProtocolVersion, Reason, State
 
 
@@ -75,6 +76,22 @@ class AddArgs(_Strict):
     )
 
 
+class LogsArgs(_Strict):
+    name: str = Field(description="the device's name")
+    lines: int = Field(
+        default=50,
+        ge=0,
+        le=BUFFER_LINES,
+        description="how many lines: the last ones, or with `after` the first ones after it",
+    )
+    after: int | None = Field(
+        default=None,
+        ge=0,
+        description="only lines numbered above this (the `last_seq` of the previous "
+        "answer): how `devmgr logs -f` follows",
+    )
+
+
 class ReloadArgs(_Strict):
     config: str | None = Field(
         default=None,
@@ -97,6 +114,7 @@ COMMANDS: dict[str, type[_Strict]] = {
     "remove": NameArgs,
     "reload": ReloadArgs,
     "shutdown": NoArgs,
+    "logs": LogsArgs,
 }
 
 # command -> (what it does, what its result is); docs/protocol.md is generated from these.
@@ -129,6 +147,11 @@ COMMAND_DOCS: dict[str, tuple[str, str]] = {
         "a reload result",
     ),
     "shutdown": ("stop every device, then the manager (which then exits 0)", "null"),
+    "logs": (
+        "the lines the device's processes wrote to stderr, from the manager's buffer "
+        f"(the last {BUFFER_LINES} per device, across restarts)",
+        "a logs result",
+    ),
 }
 
 # ---- results -------------------------------------------------------------------------
@@ -139,6 +162,27 @@ class LastExit(_Strict):
     signal: int | None = Field(description="the number of the signal that ended it, or null")
     reason: Reason = Field(description="why it ended")
     at: float = Field(description="when, in unix seconds")
+    stderr: list[str] = Field(
+        default_factory=list,
+        description=f"the last lines (at most {EXIT_LINES}) the process wrote to stderr",
+    )
+
+
+class LogLine(_Strict):
+    seq: int = Field(description="the line's number, from 1, for the device's lifetime")
+    at: float = Field(description="when the manager read it, in unix seconds")
+    pid: int = Field(description="the process that wrote it")
+    line: str = Field(description=f"the line, without its end (cut at {MAX_LINE} bytes)")
+
+
+class LogsResult(_Strict):
+    device: str = Field(description="the device's name")
+    lines: list[LogLine] = Field(description="oldest first")
+    last_seq: int = Field(description="pass it as `after` to get the lines that follow")
+    dropped: int = Field(
+        description="lines after `after` the buffer no longer holds (written faster than "
+        "they were asked for)"
+    )
 
 
 class Stats(_Strict):
@@ -288,7 +332,10 @@ EVENT_DOCS: dict[str, tuple[str, str]] = {
     "manager.stopping": ("the manager begins its shutdown", ""),
     "device.starting": ("a device process was started", "device, pid"),
     "device.running": ("the device bound its sockets and its loop answered", "device, pid"),
-    "device.exited": ("the device process ended", "device, pid, code, signal, reason"),
+    "device.exited": (
+        "the device process ended",
+        "device, pid, code, signal, reason, stderr (its last lines)",
+    ),
     "device.backoff": ("an automatic restart waits for its backoff delay", "device, delay"),
     "device.fatal": (
         "too many restarts within the window: the manager gives up on the device",
@@ -351,6 +398,10 @@ class Event(BaseModel):
         default=None,
         description="why a device of the reloaded set did not start (manager.reloaded)",
     )
+    stderr: list[str] | None = Field(
+        default=None,
+        description="the last lines the process wrote to stderr (device.exited)",
+    )
 
 
 # schema file stem -> model; `python -m devmgr._schema` writes schemas/<stem>.schema.json
@@ -362,6 +413,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "version-result": VersionResult,
     "reload-result": ReloadResult,
     "stats-result": Stats,
+    "logs-result": LogsResult,
     "event": Event,
     **{f"args-{name}": model for name, model in COMMANDS.items()},
 }

@@ -206,6 +206,7 @@ def test_every_long_command_is_followed() -> None:
         "pause",
         "resume",
         "stats",
+        "logs",
     }
 
 
