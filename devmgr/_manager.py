@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from devmgr._config import load_config
+from devmgr._conncap import HANDSHAKE_IVL_MS, ConnectionCap
 from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
@@ -119,6 +120,7 @@ class Manager:
         self._in_run = False
         self._signals_live = False  # run()'s handlers act only while the manager is up
         self._stopping_emitted = False
+        self._caps: list[ConnectionCap] = []  # connection bounds of control and events
         # ipc files this manager bound (path, (st_dev, st_ino)), to remove if still ours
         self._bound_paths: list[tuple[str, tuple[int, int] | None]] = []
         # Validation proportional to the input (an `add` spec, a reloaded config file)
@@ -204,6 +206,11 @@ class Manager:
             assert self._fleet is not None and self._control is not None
             assert self._loop is not None
             self._loop.add_reader(self._control.socket, self._control.on_readable)
+            self._caps = [
+                ConnectionCap(self._loop, sock)
+                for sock in (self._control.socket, self._events)
+                if sock is not None
+            ]
             self._fleet.prepare()
             for spec in self.config.devices.values():
                 self._fleet.add_device(spec)
@@ -272,6 +279,9 @@ class Manager:
         bound = None
         try:
             sock.setsockopt(zmq.LINGER, 1000)
+            # a connection that never completes its greeting (or CURVE handshake) is
+            # closed after this; ConnectionCap bounds how many there are meanwhile
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
             path = ipc_path(endpoint)
             if path is not None and not str(path).startswith(("@", "*")):
                 if not path.is_absolute():
@@ -343,6 +353,9 @@ class Manager:
         if self._parser is not None:
             self._parser.shutdown(wait=False, cancel_futures=True)
             self._parser = None
+        for cap in self._caps:
+            cap.close()
+        self._caps = []
         if self._fleet is not None:
             self._fleet.close()
         if self._control is not None:

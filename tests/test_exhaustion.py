@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from reliability.support import (
     endpoints,
     manager_settings,
     pipeline_device,
+    toml_dump,
     write_config,
 )
 
@@ -320,3 +322,78 @@ def test_fifty_devices_under_ulimit_64_do_not_abort_the_manager(ipc_dir: Path) -
         assert all("file descriptors" in (d["message"] or "") for d in down), down[:2]
         assert _answers(control)
         assert mgr.terminate(timeout=30) == 0
+
+
+# ---- connections that never finish their handshake --------------------------------------------
+
+
+def test_handshakeless_connections_to_curve_control_are_bounded(ipc_dir: Path) -> None:
+    """300 tcp connections to a CURVE control port that never send a greeting: the
+    manager holds at most 64 of them (its fds stay bounded), closes each one that has
+    not finished its handshake within 5 s, answers an authorised client meanwhile and
+    restarts a killed device (before: +300 fds held for 30 s, and spawns failed with
+    EMFILE while it lasted)."""
+    from devmgr._security import create_certificate_pair
+
+    manager_public, _ = create_certificate_pair(ipc_dir / "keys", "manager")
+    client_public, client_secret = create_certificate_pair(ipc_dir / "clients", "alice")
+    (ipc_dir / "keys" / "authorized").mkdir()
+    shutil.copy(client_public, ipc_dir / "keys" / "authorized")
+    port = free_port()
+    control = f"tcp://127.0.0.1:{port}"
+    ep = endpoints(ipc_dir, "a")
+    config = {
+        "manager": manager_settings(ipc_dir, control=control),
+        "devices": {"a": pipeline_device(ep)},
+    }
+    path = ipc_dir / "curve.toml"
+    text = toml_dump(config)
+    text += '[manager.curve]\nsecret_key = "keys/manager.key_secret"\n'
+    text += 'authorized_keys = "keys/authorized"\n'
+    path.write_text(text)
+    curve = (client_secret, manager_public)
+    mgr = ManagerProc(path, control=control)
+    held: list[socket.socket] = []
+    with mgr:
+
+        def up() -> bool:
+            assert mgr.proc is not None and mgr.proc.poll() is None, mgr.log()[-2000:]
+            try:
+                with Client(control, timeout=1, curve=curve) as client:
+                    return client.status()["devices"][0]["state"] == "running"
+            except ManagerUnreachable:
+                return False
+
+        wait_until(up, timeout=20, what="the CURVE manager with its device running")
+        with Client(control, timeout=5, curve=curve) as client:
+            pid = client.status()["devices"][0]["pid"]
+        fds_before = psutil.Process(mgr.pid).num_fds()
+        try:
+            for _ in range(300):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            wait_until(
+                lambda: psutil.Process(mgr.pid).num_fds() <= fds_before + 64 + 8,
+                timeout=10,
+                what="the manager to hold at most 64 of the connections",
+            )
+            with Client(control, timeout=10, curve=curve) as client:
+                assert client.ping() == "pong"
+                os.kill(pid, signal.SIGKILL)
+                wait_until(
+                    lambda: (
+                        client.status()["devices"][0]["pid"] not in (None, pid)
+                        and client.status()["devices"][0]["state"] == "running"
+                    ),
+                    timeout=15,
+                    what="the killed device back",
+                )
+            # every held connection is closed by the manager: beyond the limit at once,
+            # the others at the end of the 5 s handshake interval
+            started = time.monotonic()
+            for sock in held:
+                assert _closed_by_server(sock, timeout=max(0.1, started + 10 - time.monotonic()))
+            assert psutil.Process(mgr.pid).num_fds() <= fds_before + 8
+        finally:
+            for sock in held:
+                sock.close()
+        assert mgr.terminate(timeout=15) == 0
