@@ -25,6 +25,7 @@ import zmq
 from devmgr._config import load_config
 from devmgr._conncap import HANDSHAKE_IVL_MS, ConnectionCap
 from devmgr._errors import ConfigError, ControlError, DevmgrError
+from devmgr._fds import raise_nofile_limit
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
 from devmgr._paths import (
@@ -166,8 +167,6 @@ class Manager:
         settings = self.config.manager
         self._shutdown_requested.clear()
         self._stopping_emitted = False
-        from devmgr._fds import raise_nofile_limit
-
         raise_nofile_limit()  # before the zygote and devices, which inherit it
         _log_warnings(settings)
         self._rundir = ensure_private_dir(ensure_private_dir(runtime_dir()) / f"m{os.getpid()}")
@@ -206,11 +205,7 @@ class Manager:
             assert self._fleet is not None and self._control is not None
             assert self._loop is not None
             self._loop.add_reader(self._control.socket, self._control.on_readable)
-            self._caps = [
-                ConnectionCap(self._loop, sock)
-                for sock in (self._control.socket, self._events)
-                if sock is not None
-            ]
+            self._watch_connections()
             self._fleet.prepare()
             for spec in self.config.devices.values():
                 self._fleet.add_device(spec)
@@ -238,6 +233,17 @@ class Manager:
 
         self._call(first_status)  # the first STATUS= goes out before READY=1
         self._notify.ready()
+
+    def _watch_connections(self) -> None:
+        """Bound the connections of the control and events sockets (on the loop thread).
+
+        Also the moment from which run()'s signal handlers hand work to the loop: what
+        they queue runs after this set-up, once the devices exist.
+        """
+        assert self._loop is not None and self._control is not None
+        socks = [self._control.socket, *([self._events] if self._events is not None else [])]
+        self._caps = [ConnectionCap(self._loop, sock) for sock in socks]
+        self._signals_live = self._in_run
 
     def _beat(self) -> None:
         assert self._loop is not None
@@ -401,7 +407,6 @@ class Manager:
             previous = self._install_signal_handlers()
         try:
             self.start()
-            self._signals_live = True
             while not self._shutdown_requested.wait(0.5):
                 if not self.running:
                     break
@@ -429,7 +434,7 @@ class Manager:
     def _from_signal(self, callback: Callable[[], None]) -> None:
         loop = self._loop
         if loop is None or not self._signals_live:
-            return  # starting or stopping: nothing to hand the work to
+            return  # not set up yet, or stopping: nothing to hand the work to
         try:
             loop.call_soon_threadsafe(callback)
         except RuntimeError:  # the loop closed meanwhile
