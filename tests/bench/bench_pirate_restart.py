@@ -105,6 +105,10 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
             manager.restart("q")
             restart_s.append(time.monotonic() - started)
             time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+        # which devmgr the device process itself runs (its forkserver's sys.path decides)
+        (entry,) = manager.status(["q"])["devices"]
+        maps = Path(f"/proc/{entry['pid']}/maps").read_text().splitlines()
+        device_core = sorted({ln.split()[-1] for ln in maps if "/devmgr/_core" in ln})
         stop.set()
         for thread in threads:
             thread.join(args.timeout * args.retries + 5)
@@ -119,6 +123,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     n = args.restarts
     return {
         "devmgr": str(Path(devmgr.__file__).parent),
+        "device_core": device_core,
         "drain_quiet": args.drain_quiet,
         "restarts": n,
         "tries": len(tries),
@@ -180,10 +185,13 @@ def main() -> int:
         if args.drain_quiet is not None:  # the baseline may not know the key
             i = argv.index("--drain-quiet")
             argv = argv[:i] + argv[i + 2 :]
-        env = {**os.environ, "PYTHONPATH": str(args.base.resolve())}
+        # PYTHONSAFEPATH and a neutral folder: the device children (forked by a server
+        # started with `python -c`) must not find this checkout's devmgr through '' first
+        env = {**os.environ, "PYTHONPATH": str(args.base.resolve()), "PYTHONSAFEPATH": "1"}
         done = subprocess.run(
             [sys.executable, __file__, *argv, "--inner"],
             env=env,
+            cwd=tempfile.gettempdir(),
             capture_output=True,
             text=True,
             timeout=args.restarts * args.interval + 120,
@@ -191,6 +199,11 @@ def main() -> int:
         )
         results["base"] = json.loads(done.stdout.strip().splitlines()[-1])
     results["this"] = scenario(args)
+    for label, r in results.items():
+        where = args.base.resolve() if label == "base" else ROOT
+        paths = [r["devmgr"], *r["device_core"]]
+        if not all(Path(p).is_relative_to(where) for p in paths):
+            raise SystemExit(f"the {label} run did not run {where}'s devmgr: {paths}")
     if args.json:
         print(json.dumps(results))
         return 0

@@ -87,6 +87,9 @@ config = parse_config({"manager": {"control": f"ipc://{folder}/control",
                                    "events": f"ipc://{folder}/events", "stop_timeout": 5.0},
                        "devices": {"q": table}})
 with devmgr.Manager(config) as manager:
+    (entry,) = manager.status(["q"])["devices"]
+    maps = open(f"/proc/{entry['pid']}/maps").read().splitlines()
+    print("CORE", sorted({ln.split()[-1] for ln in maps if "/devmgr/_core" in ln}), flush=True)
     print("READY", flush=True)
     sys.stdin.readline()  # the harness says when the restart phase begins
     for _ in range(int(restarts)):
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace, checkout: Path | None) -> dict[str, Any]:
         shutil.copy(args.zguide / "examples" / "Python" / name, work / name)
     (work / "relay.py").write_text(RELAY)
     (work / "device.py").write_text(DEVICE)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(work)}
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(work), "PYTHONSAFEPATH": "1"}
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
     procs: list[subprocess.Popen[str]] = []
@@ -161,6 +164,7 @@ def run(args: argparse.Namespace, checkout: Path | None) -> dict[str, Any]:
     )
     try:
         assert device.stdout is not None and device.stdin is not None
+        core = device.stdout.readline().strip()  # the device process's own devmgr
         assert device.stdout.readline().strip() == "READY"
         procs.extend(server_ns(i) for i in range(args.clients))
         time.sleep(1.0)  # the relays listen and the queue has connected
@@ -237,6 +241,7 @@ def run(args: argparse.Namespace, checkout: Path | None) -> dict[str, Any]:
     n = len(restart_s)
     return {
         "devmgr": str(checkout) if checkout else "this",
+        "device_core": core,
         "drain_quiet": args.drain_quiet,
         "no_restarts": quiet.as_dict(),
         "restarts": n,
