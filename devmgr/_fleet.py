@@ -55,6 +55,10 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 # A child that has neither reported READY nor failed by then is treated as hung.
 _READY_TIMEOUT = 10.0
+# Device processes forked per loop turn: a start of 1,000 devices (or a restart storm)
+# forks in slices, so control requests, READY reports and health replies are served
+# between them instead of waiting for the last fork.
+_SPAWN_SLICE = 8
 
 
 def _socket_plan(spec: SocketSpec) -> _child.SocketPlan:
@@ -164,6 +168,7 @@ class Fleet:
         self._ctrl_endpoint = f"ipc://{rundir / 'ctl'}"
         self._ctrl_file: tuple[str, tuple[int, int] | None] | None = None
         self._by_ident: dict[bytes, Device] = {}
+        self._to_spawn: dict[Device, None] = {}  # in order, each device once
         # the soft fd limit as the manager left it at start (raised to the hard one)
         self.fds = FdBudget()
 
@@ -415,6 +420,23 @@ class Fleet:
             self._act(dev, dev.sup.backoff_elapsed())
 
     def _spawn(self, dev: Device) -> None:
+        """Fork the device's process soon: in a slice of at most _SPAWN_SLICE per turn."""
+        if not self._to_spawn:
+            self.loop.call_later(0, self._spawn_some)
+        self._to_spawn[dev] = None
+
+    def _spawn_some(self) -> None:
+        for _ in range(min(_SPAWN_SLICE, len(self._to_spawn))):
+            dev = next(iter(self._to_spawn))
+            del self._to_spawn[dev]
+            # still wanted: a stop (or removal) while it waited left STARTING
+            if dev.sup.state is State.STARTING and dev.sup.pid is None:
+                self._spawn_now(dev)
+                self._changed(dev)
+        if self._to_spawn:
+            self.loop.call_later(0, self._spawn_some)
+
+    def _spawn_now(self, dev: Device) -> None:
         if dev.removed:
             return
         refusal = self.fds.refusal()
@@ -449,9 +471,7 @@ class Fleet:
         dev.sup.spawned(proc.pid)
         dev.sampler = ProcSampler(proc.pid)
         self.loop.add_reader(proc.sentinel, lambda: self._on_exit(dev, proc))
-        dev.timers["ready"] = self.loop.call_later(
-            _READY_TIMEOUT, lambda: self._unhealthy(dev, Reason.UNRESPONSIVE)
-        )
+        dev.timers["ready"] = self.loop.call_later(_READY_TIMEOUT, lambda: self._ready_overdue(dev))
         self.emit("device.starting", device=dev.name, pid=proc.pid)
 
     def _terminate(self, dev: Device) -> None:
@@ -474,6 +494,19 @@ class Fleet:
     def _signal(self, dev: Device, signum: int) -> None:
         if dev.proc is not None:
             dev.proc.send_signal(signum)  # a no-op once the child is known to be gone
+
+    def _ready_overdue(self, dev: Device) -> None:
+        """The READY timer fired: unresponsive, unless the report is only unread yet."""
+        dev.timers.pop("ready", None)
+        self._on_ctrl()  # a busy manager, not the device, may be what is late
+        if dev.sup.state is not State.STARTING:
+            return
+        if dev.awaiting_ready:
+            self._unhealthy(dev, Reason.UNRESPONSIVE)
+        else:  # READY was just read and the PING is out: give it a ping's time
+            dev.timers["ready"] = self.loop.call_later(
+                dev.spec.health.ping_timeout, lambda: self._unhealthy(dev, Reason.UNRESPONSIVE)
+            )
 
     def _unhealthy(self, dev: Device, reason: Reason) -> None:
         if dev.proc is None or dev.sup.state not in (State.RUNNING, State.PAUSED, State.STARTING):
@@ -620,6 +653,9 @@ class Fleet:
         Checking 200 devices in one turn would hold control replies for ~10 ms.
         """
         end = start + _HEALTH_SLICE
+        # read the replies already queued first: a reply the manager was too busy to read
+        # is not a hung device
+        self._on_ctrl()
         now = self.loop.clock()
         for dev in devices[start:end]:
             if dev.removed or dev.proc is None:
@@ -726,6 +762,7 @@ class Fleet:
         return f'{{"uptime_s":{round(uptime, 3) if uptime is not None else "null"},{cached[1]}'
 
     def close(self) -> None:
+        self._to_spawn.clear()
         if self._health_timer is not None:
             self._health_timer.cancel()
         for dev in self.devices.values():
