@@ -581,9 +581,20 @@ def _device_pid(mgr: ManagerProc, name: str) -> int:
 
 
 def stalled_monitor(
-    root: Path, *, count: int = 100_000, size: int = 256, rounds: int = 1
+    root: Path,
+    *,
+    count: int = 100_000,
+    size: int = 256,
+    rounds: int = 1,
+    min_ratio: float | None = None,
 ) -> dict[str, Any]:
-    """A monitor subscriber that stops reading: the data path keeps its pace, memory is bounded."""
+    """A monitor subscriber that stops reading: the data path keeps going, memory is bounded.
+
+    Every message still reaches the sink (run_once asserts it, each within the sender's
+    stall timeout) and the device's RSS stays flat. With `min_ratio` the rate beside a
+    stalled subscriber must also be at least that share of the rate with none: a speed
+    figure, so only the slow variant, with several rounds, asserts it.
+    """
     import statistics
 
     import zmq
@@ -665,7 +676,8 @@ def stalled_monitor(
     reading = statistics.median(rates["reading"])
     stalled_rate = statistics.median(rates["stalled"])
     ratio = stalled_rate / baseline
-    assert ratio >= 0.5, rates
+    if min_ratio is not None:
+        assert ratio >= min_ratio, rates
     assert rss_after - rss_before <= 16, (rss_before, rss_after)
     return {
         "count": count,
