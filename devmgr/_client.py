@@ -318,6 +318,11 @@ class Client:
         if self._closed:
             raise DevmgrError("this Client is closed")
         if self._transport is None:
+            from devmgr._paths import untrusted_default_endpoint
+
+            untrusted = untrusted_default_endpoint(self.endpoint)
+            if untrusted is not None:
+                raise ManagerUnreachable(f"refusing to talk to {self.endpoint}: {untrusted}")
             if self._use_zmtp:
                 self._transport = _ZmtpTransport(self.endpoint)
             else:
@@ -384,6 +389,7 @@ class Client:
         except _NothingListens as exc:
             listening = False
             why = f"no devmgr manager at {self.endpoint}: nothing listens there ({exc.why})"
+            why += _missing_folder(self.endpoint)
         except _Unreachable as exc:
             listening = True if transport.reached else None
             why = f"no reply from a devmgr manager at {self.endpoint}: {exc}"
@@ -586,6 +592,17 @@ def _parse_reply(frames: list[bytes]) -> dict[str, Any] | None:
 
 
 # ---- transports ----------------------------------------------------------------------
+
+
+def _missing_folder(endpoint: str) -> str:
+    """Say that an ipc endpoint's folder is missing too (an `rm -rf` of it?), else ''."""
+    folder = os.path.dirname(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else ""
+    if not folder or os.path.isdir(folder):
+        return ""
+    return (
+        f"; its folder {folder} is missing too (never made, or removed while a manager ran: "
+        "a running manager makes its sockets again within a second)"
+    )
 
 
 class _Unreachable(Exception):

@@ -33,7 +33,7 @@ from devmgr._devlog import EXIT_LINES, DeviceLog, StderrPipe, new_pipe
 from devmgr._errors import ControlError, DevmgrError
 from devmgr._fds import FdBudget
 from devmgr._loop import EventLoop, Timer
-from devmgr._paths import safe_bind, unlink_if_ours
+from devmgr._paths import BoundFile, safe_bind
 from devmgr._procstat import ProcSampler
 from devmgr._spec import DEFAULT_DRAIN_QUIET, DeviceSpec, SocketSpec, drain_budget
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
@@ -166,7 +166,7 @@ class Fleet:
         self._health_timer: Timer | None = None
         self._ctrl: zmq.Socket[bytes] | None = None
         self._ctrl_endpoint = f"ipc://{rundir / 'ctl'}"
-        self._ctrl_file: tuple[str, tuple[int, int] | None] | None = None
+        self._ctrl_file: BoundFile | None = None
         self._by_ident: dict[bytes, Device] = {}
         self._to_spawn: dict[Device, None] = {}  # in order, each device once
         # the soft fd limit as the manager left it at start (raised to the hard one)
@@ -187,7 +187,9 @@ class Fleet:
         try:
             ctrl.setsockopt(zmq.LINGER, 0)
             ctrl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone child fails at once
-            self._ctrl_file = safe_bind(ctrl, self._ctrl_endpoint, mode=0o600)
+            bound = safe_bind(ctrl, self._ctrl_endpoint, mode=0o600)
+            assert bound is not None  # an ipc path of ours
+            self._ctrl_file = BoundFile(ctrl, self._ctrl_endpoint, bound)
         except (zmq.ZMQError, OSError) as exc:
             ctrl.close(linger=0)
             raise DevmgrError(f"cannot bind {self._ctrl_endpoint}: {exc.strerror}") from exc
@@ -419,6 +421,10 @@ class Fleet:
         if not dev.removed:
             self._act(dev, dev.sup.backoff_elapsed())
 
+    def keep_ctrl_file(self) -> bool:
+        """Bind the device channel's socket file again if it was removed (rm -rf)."""
+        return self._ctrl_file is None or self._ctrl_file.keep(log)
+
     def _spawn(self, dev: Device) -> None:
         """Fork the device's process soon: in a slice of at most _SPAWN_SLICE per turn."""
         if not self._to_spawn:
@@ -445,6 +451,7 @@ class Fleet:
             dev.failure = {"message": refusal, "errno": errno_mod.EMFILE, "errname": "EMFILE"}
             self._act(dev, dev.sup.spawn_failed(refusal))
             return
+        self.keep_ctrl_file()  # one lstat: a child must find the channel at its path
         dev.gen += 1
         dev.ident = f"{dev.index}.{dev.gen}".encode()
         self._by_ident[dev.ident] = dev
@@ -776,7 +783,7 @@ class Fleet:
             self._ctrl.close(linger=0)
             self._ctrl = None
         if self._ctrl_file is not None:
-            unlink_if_ours(*self._ctrl_file)
+            self._ctrl_file.remove()
             self._ctrl_file = None
 
 

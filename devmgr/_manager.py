@@ -29,6 +29,7 @@ from devmgr._fds import raise_nofile_limit
 from devmgr._fleet import Device, Fleet
 from devmgr._loop import EventLoop
 from devmgr._paths import (
+    BoundFile,
     IpcPathTaken,
     ensure_private_dir,
     ipc_path,
@@ -122,8 +123,8 @@ class Manager:
         self._signals_live = False  # run()'s handlers act only while the manager is up
         self._stopping_emitted = False
         self._caps: list[ConnectionCap] = []  # connection bounds of control and events
-        # ipc files this manager bound (path, (st_dev, st_ino)), to remove if still ours
-        self._bound_paths: list[tuple[str, tuple[int, int] | None]] = []
+        # ipc files this manager bound: removed at the end if still ours, bound again if gone
+        self._bound_files: list[BoundFile] = []
         # Validation proportional to the input (an `add` spec, a reloaded config file)
         # runs here, so that it never stalls supervision on the loop thread.
         self._parser: ThreadPoolExecutor | None = None
@@ -248,6 +249,12 @@ class Manager:
     def _beat(self) -> None:
         assert self._loop is not None
         self._heartbeat = time.monotonic()
+        # An `rm -rf` of the runtime folder takes the sockets with it: bind them again,
+        # or no client (and no restarted device) could reach the manager any more.
+        for bound in self._bound_files:
+            bound.keep(log)
+        if self._fleet is not None:
+            self._fleet.keep_ctrl_file()
         interval = self._notify.watchdog_interval()
         if interval is not None:
             self._notify.watchdog()
@@ -326,7 +333,7 @@ class Manager:
                 unlink_if_ours(*bound)
             raise
         if bound is not None:
-            self._bound_paths.append(bound)
+            self._bound_files.append(BoundFile(sock, endpoint, bound))
         return sock
 
     def stop(self, timeout: float | None = None) -> None:
@@ -379,9 +386,9 @@ class Manager:
             self._loop.close()
         # Only the files this manager bound: a manager that failed to start because
         # another one runs there must not delete that one's sockets.
-        for path, ident in self._bound_paths:
-            unlink_if_ours(path, ident)
-        self._bound_paths.clear()
+        for bound in self._bound_files:
+            bound.remove()
+        self._bound_files.clear()
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
 

@@ -28,19 +28,95 @@ def runtime_dir() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (mode 0700) if missing and refuse one that others can write to.
+    """Create `path` (mode 0700) if missing; refuse a symlink or someone else's folder.
+
+    Checked without following a symlink: the folder is opened with O_NOFOLLOW and its
+    owner read from that fd, so a planted `/tmp/devmgr-0 -> /etc` is refused, never
+    chmodded or filled with sockets. A folder of ours that others may enter is set to
+    0700 through the same fd.
 
     Raises:
-        PermissionError: the folder exists but belongs to another user or is writable by
-            others, so a socket in it could be hijacked.
+        PermissionError: the path is a symlink or not a folder, or the folder belongs to
+            another user, so a socket in it could be hijacked or faked.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    import errno
+
+    name = os.fspath(path)
+    parent = os.path.dirname(name)
+    if parent and not os.path.lexists(parent):
+        make_dirs(parent)
+    try:
+        os.mkdir(name, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PermissionError(f"{name}: {_why_not_private(name)}") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"{name}: {_why_not_private(name, st)}")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
+
+
+def _why_not_private(name: str, st: os.stat_result | None = None) -> str:
+    import stat
+
+    st = st or os.lstat(name)
+    if stat.S_ISLNK(st.st_mode):
+        return (
+            f"is a symbolic link (to {os.readlink(name)}): devmgr does not follow it; "
+            "remove it (someone may have planted it)"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder: remove it"
+    if st.st_uid != os.getuid():
+        return (
+            f"belongs to uid {st.st_uid}, not to you ({os.getuid()}): someone else may "
+            "have planted it; remove it"
+        )
+    return f"is open to other users (mode {st.st_mode & 0o777:04o}): expected 0700"
+
+
+def untrusted_default_endpoint(endpoint: str) -> str | None:
+    """Say why an ipc endpoint in the per-user runtime folder must not be trusted, else None.
+
+    The client's side of ensure_private_dir: before talking to a socket in
+    $XDG_RUNTIME_DIR/devmgr or /tmp/devmgr-$UID, the folder must be a real folder of
+    ours that nobody else may enter, and the socket ours: a fake manager in a folder
+    someone else made must not get our requests (or answer them). Other endpoints are
+    the user's explicit choice and are not checked.
+    """
+    import stat
+
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    folder = _runtime_dir_str()
+    if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
+        return None
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return None  # nothing there to trust: the connection will say nothing listens
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return f"{folder} {_why_not_private(folder, st)}"
+    try:
+        sock = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(sock.st_mode):
+        return f"{path} is not a socket"
+    if sock.st_uid != os.getuid():
+        return f"{path} belongs to uid {sock.st_uid}, not to you ({os.getuid()})"
+    return None
 
 
 def make_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> None:
@@ -243,3 +319,65 @@ def safe_bind(
         unlink_if_ours(path, ident)
         raise
     return path, ident
+
+
+class BoundFile:
+    """An ipc socket file devmgr bound for a zmq socket (see safe_bind).
+
+    `remove()` unlinks it only while it is still the file we bound. `keep()` binds it
+    again when it has gone (an `rm -rf` of the runtime folder while the manager runs):
+    the folders are made again (private ones with ensure_private_dir) and a second
+    listener is bound at the same path; connections made before go on.
+    """
+
+    def __init__(self, sock: Any, endpoint: str, bound: tuple[str, tuple[int, int] | None]):
+        self.sock = sock
+        self.endpoint = endpoint
+        self.path, self.ident = bound
+        self._last_error: str | None = None
+
+    def intact(self) -> bool:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.ident
+
+    def keep(self, log: Any) -> bool:
+        """Bind the file again if it has gone; return True when it is in place."""
+        if self.ident is None or self.intact():
+            return True
+        import zmq
+
+        folder = os.path.dirname(self.path)
+        runtime = _runtime_dir_str()
+        try:
+            if folder == runtime or os.path.dirname(folder) == runtime:
+                from pathlib import Path
+
+                ensure_private_dir(Path(runtime))
+                ensure_private_dir(Path(folder))
+            else:
+                make_dirs(folder)
+            # No unbind of the old listener first: libzmq would close every connection
+            # it accepted (connected clients, device channels). It stays, on a nameless
+            # inode, until the socket closes.
+            bound = safe_bind(self.sock, self.endpoint, mode=0o600)
+        except (OSError, zmq.ZMQError) as exc:
+            message = f"{self.endpoint} is gone and cannot be bound again: {exc}"
+            if message != self._last_error:
+                log.error("%s", message)
+                self._last_error = message
+            return False
+        assert bound is not None
+        self.path, self.ident = bound
+        self._last_error = None
+        log.warning(
+            "%s was removed while the manager ran (its folder %s too?): bound it again",
+            self.path,
+            folder,
+        )
+        return True
+
+    def remove(self) -> None:
+        unlink_if_ours(self.path, self.ident)
