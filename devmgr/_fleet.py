@@ -33,7 +33,7 @@ from devmgr._devlog import EXIT_LINES, DeviceLog, StderrPipe, new_pipe
 from devmgr._errors import ControlError, DevmgrError
 from devmgr._fds import FdBudget
 from devmgr._loop import EventLoop, Timer
-from devmgr._paths import BoundFile, safe_bind
+from devmgr._paths import BoundFile, remove_dead_socket, safe_bind
 from devmgr._procstat import ProcSampler
 from devmgr._spec import DEFAULT_DRAIN_QUIET, DeviceSpec, SocketSpec, drain_budget
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
@@ -316,6 +316,7 @@ class Fleet:
             if dev.sup.state is State.STOPPED and before is not State.STOPPED:
                 # from backoff or fatal: no exit will announce it
                 self.emit("device.stopped", device=dev.name)
+                self._remove_dead_sockets(dev)
 
             def stopped() -> None:
                 done(None, None)
@@ -623,7 +624,22 @@ class Fleet:
             self.emit("device.fatal", device=dev.name, reason=reason)
         elif dev.sup.state is State.STOPPED:
             self.emit("device.stopped", device=dev.name)
+        if dev.sup.state in (State.STOPPED, State.FATAL):
+            self._remove_dead_sockets(dev)
         self._act(dev, action)
+
+    def _remove_dead_sockets(self, dev: Device) -> None:
+        """Remove the ipc socket files of a device that no longer runs, once proven dead.
+
+        A device that drains removes its own; one that was SIGKILLed (hung at its stop,
+        crashed under policy `never`) cannot, and libzmq never does. Only sockets whose
+        connect is refused go; a restart rebinds over them in any case.
+        """
+        for side in (dev.spec.in_, dev.spec.out, dev.spec.mon):
+            for endpoint in side.bind if side is not None else ():
+                path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else ""
+                if path and not path.startswith(("@", "*")):
+                    remove_dead_socket(path)
 
     def _close_ctrl(self, dev: Device) -> None:
         if dev.ident is not None:

@@ -224,6 +224,15 @@ def _describe_existing(path: str) -> tuple[int, str] | None:
     return None
 
 
+def remove_dead_socket(path: str) -> bool:
+    """Remove the unix socket file at `path` if nobody listens on it; True if none is left.
+
+    The same proof as for a bind: only a socket whose connect is refused goes; a file, a
+    link, a live or undecidable socket stays (False).
+    """
+    return _describe_existing(path) is None
+
+
 def bind_unix_listener(
     path: str, backlog: int = 100, mode: int | None = None
 ) -> tuple[int, tuple[int, int] | None]:

@@ -167,3 +167,40 @@ def test_nothing_it_started_outlives_devmgr_start(ipc_dir: Path) -> None:
         left = alive(seen)  # at once: the moment of exit, not a second later
         assert left == [], [(p, psutil.Process(p).cmdline()) for p in left]
         assert code == 0
+
+
+def _socket_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_socket())
+
+
+def test_a_stopped_device_leaves_no_socket_files(ipc_dir: Path) -> None:
+    """A device's ipc socket files go when it stops, however it stopped: drained, SIGKILLed
+    with policy `never`, or SIGKILLed by the manager at `stop_timeout` because it hung
+    (a dead socket is removed only once a connect to it is refused); and when the manager
+    exits, no socket file of its own or of a device is left."""
+    never = {"policy": "never"}
+    config = {
+        "manager": manager_settings(ipc_dir),
+        "devices": {
+            "killed": pipeline_device(endpoints(ipc_dir, "killed"), restart=never),
+            "hung": pipeline_device(endpoints(ipc_dir, "hung")),
+            "fine": pipeline_device(endpoints(ipc_dir, "fine")),
+        },
+    }
+    path = write_config(ipc_dir / "files.toml", config)
+    mgr = ManagerProc(path, control=config["manager"]["control"])
+    suffixes = ("-in", "-out", "-mon")
+    with mgr:
+        devices = mgr.wait_running(3)
+        every = {f"{n}{s}" for n in devices for s in suffixes} | {"control", "events"}
+        assert set(_socket_files(ipc_dir)) == every
+        os.kill(devices["killed"]["pid"], signal.SIGKILL)
+        wait_until(lambda: mgr.devices()["killed"]["state"] == "stopped", timeout=10)
+        os.kill(devices["hung"]["pid"], signal.SIGSTOP)
+        with mgr.client(timeout=15) as client:
+            client.stop("hung")  # drained in vain, SIGKILLed at stop_timeout
+        assert mgr.devices()["hung"]["last_exit"]["signal"] == signal.SIGKILL
+        left = set(_socket_files(ipc_dir))
+        assert not {f for f in left if f.startswith(("killed-", "hung-"))}, left
+        assert mgr.terminate(timeout=15) == 0
+    assert _socket_files(ipc_dir) == []
