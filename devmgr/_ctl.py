@@ -1,8 +1,7 @@
 """The client subcommands of `devmgr`: send one request, print the answer (docs/cli.md).
 
-Exit statuses: 0 done; 1 the manager answered with an error; 2 usage or bad config;
-3 no manager answered in time. Nothing here imports pydantic except `add`, which
-validates its file locally first; pyzmq is imported when the request is sent.
+Exit statuses: `_wire.EXIT_STATUSES` (docs/cli.md). Nothing here imports pydantic except
+`add`, which validates its file locally first; pyzmq is imported when the request is sent.
 """
 
 from __future__ import annotations

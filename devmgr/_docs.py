@@ -1,6 +1,6 @@
 """Generate the reference sections of docs/ from the definitions they describe.
 
-docs/*.md are prose written by hand, with generated blocks between
+docs/*.md (and README.md) are prose written by hand, with generated blocks between
 ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``: the config keys
 (from the pydantic spec), the control commands, error codes, states, exit reasons and
 status fields (from `_protocol` and `_wire`), the STATISTICS frames, the events, and
@@ -286,10 +286,16 @@ def render(text: str) -> str:
     return _BLOCK.sub(fill, text)
 
 
+def _documents(directory: Path) -> list[Path]:
+    """docs/*.md, and the README beside the docs folder (it shares some blocks)."""
+    readme = directory.parent / "README.md"
+    return sorted(directory.glob("*.md")) + ([readme] if readme.is_file() else [])
+
+
 def drift(directory: Path = DOCS_DIR) -> list[str]:
     """Return the docs whose generated blocks are stale, and blocks no doc contains."""
     stale, seen = [], set()
-    for path in sorted(directory.glob("*.md")):
+    for path in _documents(directory):
         text = path.read_text(encoding="utf-8")
         seen |= {m["name"] for m in _BLOCK.finditer(text)}
         if render(text) != text:
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"{args.dir / name}: out of date; run `{REGENERATE}`")
         return 1 if stale else 0
-    for path in sorted(args.dir.glob("*.md")):
+    for path in _documents(args.dir):
         text = path.read_text(encoding="utf-8")
         new = render(text)
         if new != text:

@@ -155,7 +155,8 @@ EXIT_UNREACHABLE: Final = 3
 #: Exit status -> what it means, in the words of `devmgr --help` and docs/cli.md.
 EXIT_STATUSES: Final[dict[int, str]] = {
     EXIT_OK: "done",
-    EXIT_ERROR_REPLY: "the manager answered with an error",
-    EXIT_USAGE: "usage error or bad config (nothing was started or sent)",
-    EXIT_UNREACHABLE: "no manager answered in time",
+    EXIT_ERROR_REPLY: "the manager answered with an error (`error: CODE: message` on stderr)",
+    EXIT_USAGE: "usage error or bad config: nothing was started or sent",
+    EXIT_UNREACHABLE: "no manager answered: nothing listens at the endpoint, or no reply "
+    "within --timeout",
 }
