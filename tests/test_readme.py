@@ -102,10 +102,29 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _kept_in_tmp() -> list[str]:
+    """The folders in /tmp this run itself lives in (a CI venv, a clone, coverage data)."""
+    places = [sys.prefix, sys.base_prefix, sys.executable, str(DRIVER), str(ROOT), *sys.path]
+    places.append(os.environ.get("COVERAGE_FILE", ""))
+    tops = set()
+    for place in places:
+        parts = Path(place).absolute().parts
+        if len(parts) > 2 and parts[:2] == ("/", "tmp"):
+            tops.add(f"/tmp/{parts[2]}")
+    return sorted(tops)
+
+
 def _run_sh(block: Block, workdir: Path) -> list[dict[str, object]]:
     script = workdir / "block.sh"
     script.write_text(block.text)
-    inner = f"mount -t tmpfs tmpfs /tmp && exec {sys.executable} {DRIVER} {script} {workdir}"
+    # A private /tmp for the README's fixed paths, with this run's own folders bound back.
+    saved = workdir / "host-tmp"
+    saved.mkdir()
+    steps = [f"mount --bind /tmp {saved}", "mount -t tmpfs tmpfs /tmp"]
+    for top in _kept_in_tmp():
+        steps.append(f"mkdir -p {top} && mount --bind {saved}{top[len('/tmp') :]} {top}")
+    steps.append(f"exec {sys.executable} {DRIVER} {script} {workdir}")
+    inner = " && ".join(steps)
     done = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--net", "--mount", "--fork", "sh", "-c", inner],
         capture_output=True,
