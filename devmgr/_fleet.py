@@ -50,6 +50,10 @@ _MIB = 1 << 20
 _CTRL_BURST = 1000
 # Devices checked per loop turn by the health tick.
 _HEALTH_SLICE = 16
+# /proc samples (CPU %, RSS, fds) per health tick across the fleet: past this many devices
+# each is sampled every few ticks, staggered, except those with a memory limit, which are
+# sampled every tick. (At 1,000 devices sampling was a fifth of the idle manager's CPU.)
+_SAMPLES_PER_TICK = 250
 # Plain ints: pyzmq's flag enums cost an enum operation per call on the health path.
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -169,6 +173,8 @@ class Fleet:
         self._ctrl_file: BoundFile | None = None
         self._by_ident: dict[bytes, Device] = {}
         self._to_spawn: dict[Device, None] = {}  # in order, each device once
+        self._ticks = 0
+        self._sample_every = 1
         # the soft fd limit as the manager left it at start (raised to the hard one)
         self.fds = FdBudget()
 
@@ -668,6 +674,8 @@ class Fleet:
 
     def _health_tick(self) -> None:
         self._health_timer = self.loop.call_later(self.health_interval, self._health_tick)
+        self._ticks += 1
+        self._sample_every = -(-len(self.devices) // _SAMPLES_PER_TICK) or 1
         self._health_chunk(list(self.devices.values()), 0)
 
     def _health_chunk(self, devices: list[Device], start: int) -> None:
@@ -685,8 +693,9 @@ class Fleet:
                 continue
             if dev.sup.state not in (State.RUNNING, State.PAUSED):
                 continue
-            self._sample(dev)
             limit = dev.spec.health.max_rss_mb
+            if limit is not None or (dev.index + self._ticks) % self._sample_every == 0:
+                self._sample(dev)
             if limit is not None and dev.rss_bytes is not None and dev.rss_bytes > limit * _MIB:
                 self._unhealthy(dev, Reason.MEMORY)
                 continue

@@ -11,6 +11,9 @@ import zmq
 from test_manager import make_config, streamer
 
 import devmgr
+from devmgr import _fleet
+
+from conftest import wait_until
 
 _DEVICES = 64
 # enough that forking them all takes a while even on a fast machine
@@ -96,3 +99,27 @@ def test_a_device_stopped_before_its_turn_to_fork_is_never_forked(ipc_dir: Path)
         assert all(states[n]["state"] == "running" for n in names[:-1])
         sock.close()
     ctx.term()
+
+
+def test_spread_sampling_still_samples_everyone_and_every_memory_limit_each_tick(
+    ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one /proc sample per tick: four devices are each sampled every fourth tick...
+    monkeypatch.setattr(_fleet, "_SAMPLES_PER_TICK", 1)
+    devices = {n: streamer(ipc_dir, n) for n in ("a", "b", "c")}
+    # ...except one with a memory limit, sampled (and so caught) at every tick
+    devices["fat"] = streamer(ipc_dir, "fat", health={"max_rss_mb": 1})
+    events: list[tuple[str, dict[str, Any]]] = []
+    with devmgr.Manager(make_config(ipc_dir, devices, health_interval=0.2)) as manager:
+        manager.on_event = lambda topic, event: events.append((topic, event))
+        wait_until(
+            lambda: any(
+                t == "device.exited" and e["device"] == "fat" and e["reason"] == "memory"
+                for t, e in events
+            ),
+            timeout=10.0,
+        )
+        wait_until(
+            lambda: all(d["rss_bytes"] for d in manager.status(["a", "b", "c"])["devices"]),
+            timeout=10.0,
+        )
