@@ -36,8 +36,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
+
+from devmgr._benchproc import _describe, _end, _recv_within
 
 CONTENDERS = ("devmgr", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy"
@@ -109,12 +110,6 @@ class Summary:
             ),
             "errors": self.errors,
         }
-
-
-def _describe(exc: BaseException) -> str:
-    """Return "Type: message" (or just the type when the message is empty)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --- child processes -----------------------------------------------------------------
@@ -259,33 +254,6 @@ def _endpoints(transport: str, folder: str, run: int) -> dict[str, str]:
         # the device binds a random port and reports it, so no port is raced for
         return {side: "tcp://127.0.0.1:*" for side in ("in", "out", "mon")}
     return {side: f"ipc://{folder}/{run}-{side}" for side in ("in", "out", "mon")}
-
-
-def _end(proc: BaseProcess | None) -> None:
-    """End a child we started, by its PID: SIGTERM, then SIGKILL after a grace period."""
-    if proc is None or proc.pid is None:
-        return
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2.0)
-    if proc.is_alive():
-        proc.kill()
-    proc.join(5.0)
-    proc.close()
-
-
-def _recv_within(conn: Connection, proc: BaseProcess, timeout: float) -> tuple[str, Any]:
-    """Return the next message a child sends, or ("error", why) when none comes in time."""
-    ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout)
-    if conn in ready:
-        try:
-            message: tuple[str, Any] = conn.recv()
-        except EOFError:
-            return ("error", f"process exited with status {proc.exitcode}")
-        return message
-    if ready:
-        return ("error", f"process exited with status {proc.exitcode}")
-    return ("error", f"timed out after {timeout:.0f} s")
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 from pydantic import BaseModel, ValidationError
@@ -21,9 +21,6 @@ from pydantic import BaseModel, ValidationError
 from devmgr._errors import ControlError
 from devmgr._protocol import COMMANDS, RawJSON, Request
 from devmgr._wire import MAX_ERROR_CHARS, MAX_ID_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION
-
-if TYPE_CHECKING:
-    from devmgr._manager import Manager
 
 log = logging.getLogger("devmgr")
 
@@ -37,6 +34,20 @@ Reply = Callable[[Any, ControlError | None], None]
 _LISTED_PROBLEMS = 20
 # More keys than this in a request or its args is refused whole, not key by key.
 _MAX_KEYS = 16
+
+
+class Operations(Protocol):
+    """What the control server needs from the manager: the loop-side operations."""
+
+    def version_dict(self) -> dict[str, Any]: ...
+    def status_json(self, names: list[str] | None = None) -> RawJSON: ...
+    def op_names(self, verb: str, names: list[str], done: Reply) -> None: ...
+    def op_device_command(self, command: str, name: str, done: Reply) -> None: ...
+    def op_add(self, data: dict[str, Any], done: Reply) -> None: ...
+    def op_remove(self, name: str, done: Reply) -> None: ...
+    def op_reload(self, config: None, done: Reply, *, expect_path: str | None = None) -> None: ...
+    def op_shutdown(self, done: Reply) -> None: ...
+    def logs_dict(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]: ...
 
 
 def _describe(exc: ValidationError) -> str:
@@ -131,7 +142,7 @@ def _decode(raw: bytes) -> tuple[Any, str, BaseModel]:
 class ControlServer:
     """Serve the control protocol (docs/protocol.md) on a bound ROUTER, on the loop thread."""
 
-    def __init__(self, manager: Manager, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, manager: Operations, sock: zmq.Socket[bytes]) -> None:
         self.manager = manager
         self.socket = sock
         #: Replies not sent because the client had CONTROL_SNDHWM replies unread.

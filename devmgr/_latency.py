@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from devmgr._bench import _describe, _end, _recv_within
+from devmgr._benchproc import _describe, _end, _recv_within
 
 CONTENDERS = ("no_device", "devmgr", "zmq_proxy_capture", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy_capture"
