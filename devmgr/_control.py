@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import zmq
@@ -20,15 +20,13 @@ from pydantic import BaseModel, ValidationError
 
 from devmgr._errors import ControlError
 from devmgr._protocol import COMMANDS, RawJSON, Request
+from devmgr._tasks import Pending, spawn
 from devmgr._wire import MAX_ERROR_CHARS, MAX_ID_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 log = logging.getLogger("devmgr")
 
 # Requests handled per wake-up before the loop looks at its other sockets again.
 _BURST = 256
-
-Reply = Callable[[Any, ControlError | None], None]
-
 
 # Problems listed in one error reply; the rest are counted, not listed.
 _LISTED_PROBLEMS = 20
@@ -37,17 +35,23 @@ _MAX_KEYS = 16
 
 
 class Operations(Protocol):
-    """What the control server needs from the manager: the loop-side operations."""
+    """What the control server needs: the manager's operations (devmgr._operations)."""
 
     def version_dict(self) -> dict[str, Any]: ...
     def status_json(self, names: list[str] | None = None) -> RawJSON: ...
-    def op_names(self, verb: str, names: list[str], done: Reply) -> None: ...
-    def op_device_command(self, command: str, name: str, done: Reply) -> None: ...
-    def op_add(self, data: dict[str, Any], done: Reply) -> None: ...
-    def op_remove(self, name: str, done: Reply) -> None: ...
-    def op_reload(self, config: None, done: Reply, *, expect_path: str | None = None) -> None: ...
-    def op_shutdown(self, done: Reply) -> None: ...
     def logs_dict(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]: ...
+    def start(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
+    def stop(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
+    def restart(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
+    def pause(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
+    def resume(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
+    def stats(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
+    def add(self, data: dict[str, Any]) -> Coroutine[Pending[Any], None, Any]: ...
+    def remove(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
+    def reload(
+        self, config: None = None, *, expect_path: str | None = None
+    ) -> Coroutine[Pending[Any], None, Any]: ...
+    def shutdown(self) -> Coroutine[Pending[Any], None, Any]: ...
 
 
 def _describe(exc: ValidationError) -> str:
@@ -142,26 +146,26 @@ def _decode(raw: bytes) -> tuple[Any, str, BaseModel]:
 class ControlServer:
     """Serve the control protocol (docs/protocol.md) on a bound ROUTER, on the loop thread."""
 
-    def __init__(self, manager: Operations, sock: zmq.Socket[bytes]) -> None:
-        self.manager = manager
+    def __init__(self, ops: Operations, sock: zmq.Socket[bytes]) -> None:
         self.socket = sock
         #: Replies not sent because the client had CONTROL_SNDHWM replies unread.
         self.replies_dropped = 0
-        self._handlers: dict[str, Callable[[Any, Reply], None]] = {
-            "ping": lambda a, r: r("pong", None),
-            "version": lambda a, r: r(manager.version_dict(), None),
-            "status": lambda a, r: r(manager.status_json(a.names), None),
-            "start": lambda a, r: manager.op_names("start", a.names, r),
-            "stop": lambda a, r: manager.op_names("stop", a.names, r),
-            "restart": lambda a, r: manager.op_names("restart", a.names, r),
-            "pause": lambda a, r: manager.op_device_command("pause", a.name, r),
-            "resume": lambda a, r: manager.op_device_command("resume", a.name, r),
-            "stats": lambda a, r: manager.op_device_command("stats", a.name, r),
-            "add": lambda a, r: manager.op_add(a.spec, r),
-            "remove": lambda a, r: manager.op_remove(a.name, r),
-            "reload": lambda a, r: manager.op_reload(None, r, expect_path=a.config),
-            "shutdown": lambda a, r: manager.op_shutdown(r),
-            "logs": lambda a, r: r(manager.logs_dict(a.name, a.lines, a.after), None),
+        # command -> its handler: a result at once, or a coroutine that gives it later
+        self._handlers: dict[str, Callable[[Any], Any]] = {
+            "ping": lambda a: "pong",
+            "version": lambda a: ops.version_dict(),
+            "status": lambda a: ops.status_json(a.names),
+            "start": lambda a: ops.start(a.names),
+            "stop": lambda a: ops.stop(a.names),
+            "restart": lambda a: ops.restart(a.names),
+            "pause": lambda a: ops.pause(a.name),
+            "resume": lambda a: ops.resume(a.name),
+            "stats": lambda a: ops.stats(a.name),
+            "add": lambda a: ops.add(a.spec),
+            "remove": lambda a: ops.remove(a.name),
+            "reload": lambda a: ops.reload(None, expect_path=a.config),
+            "shutdown": lambda a: ops.shutdown(),
+            "logs": lambda a: ops.logs_dict(a.name, a.lines, a.after),
         }
         assert set(self._handlers) == set(COMMANDS), "every command needs a handler"
 
@@ -201,16 +205,21 @@ class ControlServer:
             send(refusal.request_id, None, refusal.error)
             return
 
-        def reply(result: Any, error: ControlError | None) -> None:
-            send(request_id, result, error)
-
         try:
-            self._handlers[cmd](args, reply)
+            outcome = self._handlers[cmd](args)
         except ControlError as exc:
-            reply(None, exc)
+            send(request_id, None, exc)
+            return
         except Exception as exc:
             log.exception("internal error in %s", cmd)
-            reply(None, ControlError("internal", f"{type(exc).__name__}: {exc}"))
+            send(request_id, None, ControlError("internal", f"{type(exc).__name__}: {exc}"))
+            return
+        if isinstance(outcome, Coroutine):
+            spawn(outcome).add_done_callback(
+                lambda done: send(request_id, None if done.error() else done.result(), done.error())
+            )
+        else:
+            send(request_id, outcome, None)
 
     def _sender(self, envelope: list[bytes]) -> Callable[[Any, Any, ControlError | None], None]:
         answered = False

@@ -6,9 +6,10 @@ spawning through the zygote, TERMINATE/SIGTERM/SIGKILL escalation, the exit
 sentinel, and the health tick (a /proc sample plus a STATISTICS request through the
 device's own loop, which doubles as the hang check).
 
-Operations that take time (start, stop, restart, pause) are asynchronous: each takes a
-`done(result, error)` callback. Operations on one device run one after another, in the
-order they were asked for; operations on different devices run side by side.
+Operations that take time (start, stop, restart, pause) are asynchronous: each returns
+a `Pending` (devmgr._tasks) resolved when it is over. Operations on one device run one
+after another, in the order they were asked for; operations on different devices run
+side by side.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -37,11 +38,12 @@ from devmgr._paths import BoundFile, remove_dead_socket, safe_bind
 from devmgr._procstat import ProcSampler
 from devmgr._spec import DEFAULT_DRAIN_QUIET, DeviceSpec, SocketSpec, drain_budget
 from devmgr._supervisor import Idle, Kill, Reason, Spawn, State, Supervisor, Terminate, Wait
+from devmgr._tasks import Pending, gather, settled, spawn
 from devmgr._zygote import ZYGOTE, Child
 
 log = logging.getLogger("devmgr")
 
-Done = Callable[[Any, ControlError | None], None]
+T = TypeVar("T")
 Emit = Callable[..., None]
 
 _ZERO_STATS = dict.fromkeys(STAT_KEYS, 0)
@@ -117,9 +119,8 @@ class Device:
         self.sampler: ProcSampler | None = None
         self.stats_sent_at: float | None = None  # an unanswered STATISTICS, sent then
         self.timers: dict[str, Timer] = {}
-        self.waiters: list[tuple[Callable[[Device], bool], Callable[[], None]]] = []
-        self.ops: deque[Callable[[Callable[[], None]], None]] = deque()
-        self.op_running = False
+        self.waiters: list[tuple[Callable[[Device], bool], Pending[None]]] = []
+        self.last_op: Pending[Any] | None = None  # the newest operation: the next waits for it
         # the child's report of its last start failure: where, endpoint, errno, message
         self.failure: dict[str, Any] | None = None
         self.removed = False
@@ -218,86 +219,66 @@ class Fleet:
 
     # ---- serialised operations ------------------------------------------------------
 
-    def enqueue(
+    def serialised(
         self,
         dev: Device,
-        op: Callable[[Callable[[], None]], None],
-        done: Done,
+        op: Callable[[], Coroutine[Pending[Any], None, T]],
         *,
         when_removed: bool = False,
-    ) -> None:
-        """Run `op(next)` after the device's earlier operations; op calls next() when done.
+    ) -> Pending[T]:
+        """Run `op()` once the device's earlier operations are over; return its outcome.
 
         An operation that comes to run once the device is being removed is answered
         `unknown_device` instead (the removal's own stop passes `when_removed`).
         """
+        before = dev.last_op
 
-        def guarded(next_op: Callable[[], None]) -> None:
+        async def in_turn() -> T:
+            if before is not None:
+                await settled(before)
             if dev.removed and not when_removed:
-                done(None, ControlError("unknown_device", f"{dev.name} was removed"))
-                next_op()
-                return
-            op(next_op)
+                raise ControlError("unknown_device", f"{dev.name} was removed")
+            return await op()
 
-        dev.ops.append(guarded)
-        if not dev.op_running:
-            self._run_next_op(dev)
+        outcome = spawn(in_turn())
+        dev.last_op = outcome
+        return outcome
 
-    def _run_next_op(self, dev: Device) -> None:
-        if not dev.ops:
-            dev.op_running = False
-            return
-        dev.op_running = True
-        op = dev.ops.popleft()
-        finished = False
-
-        def next_op() -> None:
-            nonlocal finished
-            if not finished:
-                finished = True
-                self._run_next_op(dev)
-
-        op(next_op)
-
-    def wait_for(
-        self, dev: Device, pred: Callable[[Device], bool], then: Callable[[], None]
-    ) -> None:
+    def until(self, dev: Device, pred: Callable[[Device], bool]) -> Pending[None]:
+        """Resolve once `pred(dev)` holds (checked after each state change)."""
+        pending: Pending[None] = Pending()
         if pred(dev):
-            then()
+            pending.set_result(None)
         else:
-            dev.waiters.append((pred, then))
+            dev.waiters.append((pred, pending))
+        return pending
 
     def _changed(self, dev: Device) -> None:
-        """Fire the waiters whose condition now holds (after any state change)."""
+        """Resolve the waits whose condition now holds (after any state change)."""
         if not dev.waiters:
             return
         ready = [w for w in dev.waiters if w[0](dev)]
         if ready:
             dev.waiters = [w for w in dev.waiters if not w[0](dev)]
-            for _, then in ready:
-                then()
+            for _, pending in ready:
+                pending.set_result(None)
 
-    def start(self, dev: Device, done: Done) -> None:
-        """Start a stopped, failed or backing-off device; done once running or failed."""
+    def start(self, dev: Device) -> Pending[None]:
+        """Start a stopped, failed or backing-off device; resolved once running or failed."""
 
-        def op(next_op: Callable[[], None]) -> None:
+        async def op() -> None:
             if dev.sup.state in (State.RUNNING, State.PAUSED):
-                done(None, None)
-                next_op()
                 return
             if dev.sup.state in (State.STOPPED, State.FATAL, State.BACKOFF):
                 dev.cancel_timer("backoff")
                 dev.failure = None
                 self._act(dev, dev.sup.start())
+            await self.until(dev, _settled_after_start)
+            error = self._start_error(dev)
+            if error is not None:
+                raise error
 
-            def settled() -> None:
-                # answer before the next queued operation changes the state again
-                done(None, self._start_error(dev))
-                next_op()
-
-            self.wait_for(dev, _settled_after_start, settled)
-
-        self.enqueue(dev, op, done)
+        return self.serialised(dev, op)
 
     def _start_error(self, dev: Device) -> ControlError | None:
         if dev.sup.state in (State.RUNNING, State.PAUSED):
@@ -312,10 +293,10 @@ class Fleet:
         )
         return ControlError("invalid_spec", f"{dev.name}: {message}")
 
-    def stop(self, dev: Device, done: Done, *, when_removed: bool = False) -> None:
-        """Stop a device (drain, then escalate); done once no process runs."""
+    def stop(self, dev: Device, *, when_removed: bool = False) -> Pending[None]:
+        """Stop a device (drain, then escalate); resolved once no process runs."""
 
-        def op(next_op: Callable[[], None]) -> None:
+        async def op() -> None:
             dev.cancel_timer("backoff")
             before = dev.sup.state
             self._act(dev, dev.sup.stop())
@@ -323,86 +304,69 @@ class Fleet:
                 # from backoff or fatal: no exit will announce it
                 self.emit("device.stopped", device=dev.name)
                 self._remove_dead_sockets(dev)
+            await self.until(dev, _no_process)
 
-            def stopped() -> None:
-                done(None, None)
-                next_op()
+        return self.serialised(dev, op, when_removed=when_removed)
 
-            self.wait_for(dev, _no_process, stopped)
-
-        self.enqueue(dev, op, done, when_removed=when_removed)
-
-    def restart(self, dev: Device, done: Done) -> None:
+    def restart(self, dev: Device) -> Pending[None]:
         """Stop then start, as one operation (a manual restart clears FATAL)."""
-        self.stop(dev, lambda _r, _e: None)
-        self.start(dev, done)
+        self.stop(dev)  # its outcome is the start's: the start runs after it either way
+        return self.start(dev)
 
-    def control(self, dev: Device, command: bytes, done: Done) -> None:
-        """Send PAUSE, RESUME or STATISTICS through the device's loop; done with the reply."""
+    def control(self, dev: Device, command: bytes) -> Pending[Any]:
+        """Send PAUSE, RESUME or STATISTICS through the device's loop; resolve with the reply.
 
-        def op(next_op: Callable[[], None]) -> None:
-            def reply(frames: list[bytes] | None) -> None:
-                if frames is None:
-                    done(None, ControlError("conflict", f"{dev.name} exited before answering"))
-                elif command == b"STATISTICS":
-                    self._take_stats(dev, frames)
-                    done(dict(dev.stats), None)
-                else:
-                    if frames != [b"OK"]:
-                        reply_text = b" ".join(frames)[:100].decode(errors="replace")
-                        done(None, ControlError("conflict", f"{dev.name} answered {reply_text}"))
-                        next_op()
-                        return
-                    before = dev.sup.state
-                    if command == b"PAUSE":
-                        dev.sup.paused()
-                    elif command == b"RESUME":
-                        dev.sup.resumed()
-                    if dev.sup.state is not before:  # a second PAUSE changes nothing
-                        topic = "device.paused" if command == b"PAUSE" else "device.resumed"
-                        self.emit(topic, device=dev.name, pid=dev.sup.pid)
-                    self._changed(dev)
-                    done(dev.sup.state.value, None)
-                next_op()
+        STATISTICS gives the counters; PAUSE and RESUME the state they leave.
+        """
 
-            running = dev.sup.state in (State.RUNNING, State.PAUSED)
-            if not running or not self._send_ctrl(dev, command, reply):
-                done(
-                    None,
-                    ControlError("conflict", f"{dev.name} is {dev.sup.state.value}, not running"),
-                )
-                next_op()
+        async def op() -> Any:
+            reply = None
+            if dev.sup.state in (State.RUNNING, State.PAUSED):
+                reply = self._request(dev, command)
+            if reply is None:
+                raise ControlError("conflict", f"{dev.name} is {dev.sup.state.value}, not running")
+            frames = await reply
+            if frames is None:
+                raise ControlError("conflict", f"{dev.name} exited before answering")
+            if command == b"STATISTICS":
+                self._take_stats(dev, frames)
+                return dict(dev.stats)
+            if frames != [b"OK"]:
+                reply_text = b" ".join(frames)[:100].decode(errors="replace")
+                raise ControlError("conflict", f"{dev.name} answered {reply_text}")
+            before = dev.sup.state
+            if command == b"PAUSE":
+                dev.sup.paused()
+            elif command == b"RESUME":
+                dev.sup.resumed()
+            if dev.sup.state is not before:  # a second PAUSE changes nothing
+                topic = "device.paused" if command == b"PAUSE" else "device.resumed"
+                self.emit(topic, device=dev.name, pid=dev.sup.pid)
+            self._changed(dev)
+            return dev.sup.state.value
 
-        self.enqueue(dev, op, done)
+        return self.serialised(dev, op)
 
-    def remove(self, dev: Device, done: Done) -> None:
+    def remove(self, dev: Device) -> Pending[None]:
         """Stop the device and forget it; operations queued after this one are refused."""
-
-        def finish(_r: Any, err: ControlError | None) -> None:
-            if self.devices.get(dev.name) is dev:
-                del self.devices[dev.name]
-            done(None, err)
-
-        self.stop(dev, finish, when_removed=True)
+        stopping = self.stop(dev, when_removed=True)
         dev.removed = True
 
-    def kill_all(self, done: Done) -> None:
-        """SIGKILL every device process (a stop that ran out of time); done once all exited."""
+        async def forget() -> None:
+            try:
+                await stopping
+            finally:
+                if self.devices.get(dev.name) is dev:
+                    del self.devices[dev.name]
+
+        return spawn(forget())
+
+    def kill_all(self) -> Pending[None]:
+        """SIGKILL every device process (a stop that ran out of time); resolved once all exited."""
         running = [dev for dev in self.devices.values() if dev.proc is not None]
-        remaining = len(running)
-        if not running:
-            done(None, None)
-            return
-
-        def one_gone() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                done(None, None)
-
         for dev in running:
             self._signal(dev, signal.SIGKILL)
-            self.wait_for(dev, lambda d: d.proc is None, one_gone)
+        return gather(self.until(dev, lambda d: d.proc is None) for dev in running)
 
     # ---- carrying out supervisor decisions --------------------------------------------
 
@@ -669,6 +633,14 @@ class Fleet:
             return False
         dev.pending.append(on_reply)
         return True
+
+    def _request(self, dev: Device, command: bytes) -> Pending[list[bytes] | None] | None:
+        """Send `command` to the device's loop; None when it cannot be sent.
+
+        The reply resolves to None when the child exits before it answers.
+        """
+        reply: Pending[list[bytes] | None] = Pending()
+        return reply if self._send_ctrl(dev, command, reply.set_result) else None
 
     # ---- health -------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The public methods may be called from any thread; each hands its work to the loop
 thread and waits for the answer, so the supervision state is only ever touched by one
-thread. The control socket (devmgr._control) calls the same `op_*` methods from inside
+thread. The operations themselves live in devmgr._operations: the control socket
+(devmgr._control) calls them on the loop, the public methods here hand the same calls to
 the loop, so the in-process API and the control protocol cannot drift apart.
 """
 
@@ -15,19 +16,21 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from devmgr._config import load_config
 from devmgr._conncap import HANDSHAKE_IVL_MS, ConnectionCap
+from devmgr._control import ControlServer
 from devmgr._errors import ConfigError, ControlError, DevmgrError
 from devmgr._fds import raise_nofile_limit
-from devmgr._fleet import Device, Fleet
+from devmgr._fleet import Fleet
 from devmgr._loop import EventLoop
+from devmgr._operations import LoopOperations
 from devmgr._paths import (
     BoundFile,
     IpcPathTaken,
@@ -38,27 +41,18 @@ from devmgr._paths import (
     safe_bind,
     unlink_if_ours,
 )
-from devmgr._protocol import RawJSON
 from devmgr._spec import (
     DeviceSpec,
     ManagerConfig,
     ManagerSettings,
-    config_conflicts,
-    drain_budget_issues,
-    format_loc,
-    render_issue,
 )
-from devmgr._version import __version__
-from devmgr._wire import CONTROL_SNDHWM, PROTOCOL_VERSION
+from devmgr._tasks import Pending, gather, settled, spawn
+from devmgr._wire import CONTROL_SNDHWM
 
 log = logging.getLogger("devmgr")
+T = TypeVar("T")
 # Seconds a burst of device events may hold back the systemd STATUS= summary.
 _SUMMARY_DELAY = 0.05
-
-Done = Callable[[Any, ControlError | None], None]
-
-# Devices a reload creates per loop turn before it lets the loop serve other work.
-_APPLY_SLICE = 100
 
 #: Signals on which `run()` drains every device and returns (the manager exits 0).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -69,28 +63,6 @@ IGNORED_SIGNALS = tuple(
     for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR")
     if hasattr(signal, name)
 )
-
-
-def _gather(count: int, done: Done, result: Callable[[], Any]) -> Done:
-    """Return a callback that calls `done(result())` after `count` calls (first error wins)."""
-    remaining = count
-    errors: list[ControlError] = []
-
-    def one(_value: Any, error: ControlError | None) -> None:
-        nonlocal remaining
-        if error is not None:
-            errors.append(error)
-        remaining -= 1
-        if remaining == 0:
-            if errors:
-                code = errors[0].code
-                done(None, ControlError(code, "; ".join(e.message for e in errors)))
-            else:
-                done(result(), None)
-
-    if count == 0:
-        done(result(), None)
-    return one
 
 
 class Manager:
@@ -108,20 +80,19 @@ class Manager:
             config = default_config()
         elif not isinstance(config, ManagerConfig):
             config = load_config(config)
-        self.config: ManagerConfig = config
+        self._config: ManagerConfig = config
+        self._ops: LoopOperations | None = None  # the operations, once started
         self._loop: EventLoop | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._fleet: Fleet | None = None
         self._events: zmq.Socket[bytes] | None = None
-        self._control: Any = None
+        self._control: ControlServer | None = None
         self._rundir: Path | None = None
-        self._started_mono = 0.0
         self._thread: threading.Thread | None = None
         self._shutdown_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._in_run = False
         self._signals_live = False  # run()'s handlers act only while the manager is up
-        self._stopping_emitted = False
         self._caps: list[ConnectionCap] = []  # connection bounds of control and events
         # ipc files this manager bound: removed at the end if still ours, bound again if gone
         self._bound_files: list[BoundFile] = []
@@ -151,6 +122,17 @@ class Manager:
         self.stop()
 
     @property
+    def config(self) -> ManagerConfig:
+        """The config in use (`add`, `remove` and `reload` change its devices)."""
+        return self._ops.config if self._ops is not None else self._config
+
+    @config.setter
+    def config(self, config: ManagerConfig) -> None:
+        self._config = config
+        if self._ops is not None:
+            self._ops.config = config
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -167,7 +149,6 @@ class Manager:
             raise RuntimeError("this Manager was already started")
         settings = self.config.manager
         self._shutdown_requested.clear()
-        self._stopping_emitted = False
         raise_nofile_limit()  # before the zygote and devices, which inherit it
         _log_warnings(settings)
         self._rundir = ensure_private_dir(ensure_private_dir(runtime_dir()) / f"m{os.getpid()}")
@@ -176,10 +157,7 @@ class Manager:
         try:
             # Events tell who runs what where: with CURVE they are as private as control.
             self._events = self._bind(zmq.PUB, settings.events, "manager.events", curve=True)
-            from devmgr._control import ControlServer
-
             ctrl_sock = self._bind(zmq.ROUTER, settings.control, "manager.control", curve=True)
-            self._control = ControlServer(self, ctrl_sock)
             self._fleet = Fleet(
                 self._loop,
                 self._ctx,
@@ -188,6 +166,16 @@ class Manager:
                 health_interval=settings.health_interval,
                 stop_timeout=settings.stop_timeout,
             )
+            self._ops = LoopOperations(
+                self._fleet,
+                self.config,
+                self._emit,
+                self._notify,
+                off_loop=self._off_loop,
+                on_shutdown=self._on_shutdown,
+            )
+            control = self._control = ControlServer(self._ops, ctrl_sock)
+            self._ops.replies_dropped = lambda: control.replies_dropped
             if settings.metrics is not None:
                 from devmgr._metrics import MetricsServer
 
@@ -196,7 +184,6 @@ class Manager:
         except BaseException:
             self._teardown()
             raise
-        self._started_mono = time.monotonic()
         self._thread = threading.Thread(target=self._loop.run, name="devmgr-loop", daemon=True)
         self._loop.thread = self._thread
         self._thread.start()
@@ -211,7 +198,6 @@ class Manager:
             for spec in self.config.devices.values():
                 self._fleet.add_device(spec)
             autostart = [d for d in self._fleet.devices.values() if d.spec.autostart]
-            finish = _gather(len(autostart), lambda _r, _e: resolve(None), lambda: None)
             self._emit(
                 "manager.started",
                 pid=os.getpid(),
@@ -219,8 +205,8 @@ class Manager:
                 control=settings.control,
                 events=settings.events,
             )
-            for dev in autostart:
-                self._fleet.start(dev, finish)
+            started = gather(self._fleet.start(dev) for dev in autostart)
+            settled(started).add_done_callback(lambda _done: resolve(None))
 
         try:
             self._call(setup)
@@ -278,9 +264,7 @@ class Manager:
     def _metrics_status(self) -> dict[str, Any]:
         alive = time.monotonic() - self._heartbeat < 5.0
         try:
-            status: dict[str, Any] = self._call(
-                lambda resolve, reject: resolve(self.status_dict()), timeout=2.0
-            )
+            status = self._now(lambda ops: ops.status_dict(), timeout=2.0)
         except Exception:
             return {"alive": False}
         status["alive"] = alive
@@ -343,14 +327,14 @@ class Manager:
                 return
             if self._thread.is_alive():
                 self._notify.stopping()
-                if not self._stopping_emitted:
+                if self._ops is None or not self._ops.stopping_emitted:
                     self._emit_threadsafe("manager.stopping")
                 try:
-                    self._call(self._op_stop_all, timeout=timeout)
+                    self._run(lambda ops: ops.stop_all(), timeout=timeout)
                 except TimeoutError:
                     log.error("devices did not stop within %ss: killing them", timeout)
                     try:
-                        self._call(self._op_kill_all, timeout=5.0)
+                        self._run(lambda ops: ops.kill_all(), timeout=5.0)
                     except TimeoutError:
                         log.error("devices did not die after SIGKILL within 5 s")
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -473,10 +457,12 @@ class Manager:
         source = str(self.config.path) if self.config.path else "embedded default"
         log.info("SIGHUP: reloading the config (%s)", source)
 
-        def done(result: Any, error: ControlError | None) -> None:
+        def done(reloaded: Pending[dict[str, Any]]) -> None:
+            error = reloaded.error()
             if error is not None:
                 log.error("SIGHUP: reload failed, the config in use stays: %s", error.message)
                 return
+            result = reloaded.result()
             summary = "; ".join(
                 f"{key} {', '.join(names) if names else '-'}"
                 for key, names in result.items()
@@ -484,10 +470,14 @@ class Manager:
             )
             log.info("SIGHUP: reloaded: %s; %d unchanged", summary, len(result["unchanged"]))
 
-        try:
-            self.op_reload(None, done)
-        except ControlError as exc:
-            done(None, exc)
+        assert self._ops is not None
+        spawn(self._ops.reload()).add_done_callback(done)
+
+    def _on_shutdown(self) -> None:
+        """A `shutdown` stopped every device (on the loop): end the manager."""
+        self._shutdown_requested.set()
+        if not self._in_run:  # embedded: nobody waits in run(), so stop from a thread
+            threading.Thread(target=self.stop, name="devmgr-shutdown", daemon=True).start()
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -496,48 +486,69 @@ class Manager:
             raise DevmgrError("the manager is not running (call start() first)")
         return self._loop.run_sync(fn, timeout)
 
-    def _call_op(self, op: Callable[..., None], *args: Any) -> Any:
-        """Run a loop-side op from another thread; raise ControlError on an error reply."""
+    def _now(self, answer: Callable[[LoopOperations], T], timeout: float | None = None) -> T:
+        """Return `answer(operations)`, computed on the loop thread."""
+        ops = self._ops
+        if ops is None or self._loop is None or self._thread is None:
+            raise DevmgrError("the manager is not running (call start() first)")
 
-        def fn(resolve: Callable[[Any], None], reject: Callable[[BaseException], None]) -> None:
-            def done(result: Any, error: ControlError | None) -> None:
+        def compute(resolve: Callable[[T], None], _reject: Callable[[BaseException], None]) -> None:
+            resolve(answer(ops))
+
+        return self._loop.run_sync(compute, timeout)
+
+    def _run(
+        self,
+        operation: Callable[[LoopOperations], Coroutine[Pending[Any], None, T]],
+        timeout: float | None = None,
+    ) -> T:
+        """Run an operation on the loop and wait for it; raise ControlError on its error."""
+        ops = self._ops
+        if ops is None or self._loop is None or self._thread is None:
+            raise DevmgrError("the manager is not running (call start() first)")
+
+        def begin(resolve: Callable[[T], None], reject: Callable[[BaseException], None]) -> None:
+            def finished(done: Pending[T]) -> None:
+                error = done.error()
                 if error is not None:
                     reject(error)
                 else:
-                    resolve(result)
+                    resolve(done.result())
 
-            try:
-                op(*args, done)
-            except ControlError as exc:
-                reject(exc)
+            spawn(operation(ops)).add_done_callback(finished)
 
-        return self._call(fn)
+        return self._loop.run_sync(begin, timeout)
 
-    def _off_loop(
-        self, work: Callable[[], Any], then: Callable[[Any, BaseException | None], None]
-    ) -> None:
-        """Run `work()` on the parse thread; call `then(result, error)` on the loop.
+    def _off_loop(self, work: Callable[[], T]) -> Pending[T]:
+        """Run `work()` on the parse thread; the outcome arrives on the loop.
 
         One parse thread, so requests sent off the loop come back in the order they came.
+        A ConfigError is an `invalid_spec` refusal; any other exception a bug, answered
+        `internal`, which costs one request, never the manager.
         """
         if self._parser is None:  # made at the first use, shut down at teardown
             self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devmgr-parse")
         loop, parser = self._loop, self._parser
         assert loop is not None
+        outcome: Pending[T] = Pending()
 
         def run() -> None:
-            result: Any = None
-            error: BaseException | None = None
             try:
                 result = work()
-            except Exception as exc:  # handed to `then`, on the loop
+            except Exception as exc:  # handed to the loop
                 error = exc
+                loop_call(lambda: outcome.set_error(_refusal(error)))
+            else:
+                loop_call(lambda: outcome.set_result(result))
+
+        def loop_call(callback: Callable[[], None]) -> None:
             try:
-                loop.call_soon_threadsafe(lambda: then(result, error))
+                loop.call_soon_threadsafe(callback)
             except RuntimeError:  # the manager stopped meanwhile: nobody to answer
                 pass
 
         parser.submit(run)
+        return outcome
 
     def _emit(self, topic: str, **fields: Any) -> None:
         event = {"event": topic, "at": round(time.time(), 6), **fields}
@@ -565,346 +576,39 @@ class Manager:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: self._emit(topic, **fields))
 
-    def _devices(self, names: list[str] | None) -> list[Device]:
-        assert self._fleet is not None
-        devices = self._fleet.devices
-        if names is None or "*" in names:
-            return [d for d in devices.values() if not d.removed]
-        # by name: O(names), not O(devices) (`status NAME` of one device among 1,000)
-        found = [devices.get(n) for n in dict.fromkeys(names)]
-        unknown = [
-            n for n, d in zip(dict.fromkeys(names), found, strict=True) if d is None or d.removed
-        ]
-        if unknown:
-            listed = ", ".join(repr(n if len(n) <= 64 else n[:61] + "...") for n in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise ControlError("unknown_device", f"no device named {listed}{more}")
-        return [d for d in found if d is not None]
-
-    # ---- loop-side operations (also used by the control server) ------------------------
-
-    def _manager_info(self) -> dict[str, Any]:
-        settings = self.config.manager
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self._started_mono, 3),
-            "version": __version__,
-            "config": str(self.config.path) if self.config.path else None,
-            "control": settings.control,
-            "events": settings.events,
-            "replies_dropped": self._control.replies_dropped if self._control else 0,
-        }
-
-    def status_dict(self, names: list[str] | None = None) -> dict[str, Any]:
-        assert self._fleet is not None
-        devices = self._devices(names)
-        fleet = self._fleet
-        return {"manager": self._manager_info(), "devices": [fleet.status_of(d) for d in devices]}
-
-    def status_json(self, names: list[str] | None = None) -> RawJSON:
-        """Return the `status` result already encoded (the control socket's fast path)."""
-        assert self._fleet is not None
-        devices = self._devices(names)
-        manager = self._manager_info()
-        parts = ",".join(self._fleet.status_json(d) for d in devices)
-        head = json.dumps(manager, allow_nan=False)
-        return RawJSON(f'{{"manager":{head},"devices":[{parts}]}}')
-
-    def logs_dict(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]:
-        """The `logs` result: a device's stderr lines from its buffer (docs/protocol.md)."""
-        (dev,) = self._devices([name])
-        return dev.log.tail(lines, after)
-
-    def version_dict(self) -> dict[str, Any]:
-        return {"version": __version__, "protocol": PROTOCOL_VERSION}
-
-    def op_names(self, verb: str, names: list[str], done: Done) -> None:
-        """start, stop or restart the named devices ("*" = all) in parallel."""
-        assert self._fleet is not None
-        devices = self._devices(names)
-        fleet = self._fleet
-        action = {"start": fleet.start, "stop": fleet.stop, "restart": fleet.restart}[verb]
-        finish = _gather(len(devices), done, lambda: [fleet.status_of(d) for d in devices])
-        for dev in devices:
-            action(dev, finish)
-
-    def op_device_command(self, command: str, name: str, done: Done) -> None:
-        """pause, resume or stats of one device."""
-        assert self._fleet is not None
-        dev = self._devices([name])[0]
-        if command == "stats":
-            if dev.proc is None or dev.awaiting_ready:
-                done(dict(dev.stats), None)
-                return
-            self._fleet.control(dev, b"STATISTICS", done)
-            return
-        wire = {"pause": b"PAUSE", "resume": b"RESUME"}[command]
-        fleet = self._fleet
-        self._fleet.control(
-            dev, wire, lambda _r, err: done(None if err else fleet.status_of(dev), err)
-        )
-
-    def op_add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
-        """Validate, start and keep a new device; nothing is kept if its first start fails."""
-        name = data.name if isinstance(data, DeviceSpec) else data.get("name")
-        try:
-            self._add(data, done)
-        except ControlError as exc:
-            log.info("add %s refused: %s: %s", name, exc.code, exc.message)
-            raise
-
-    def _add(self, data: dict[str, Any] | DeviceSpec, done: Done) -> None:
-        from devmgr._config import parse_device
-
-        if isinstance(data, DeviceSpec):
-            self._add_spec(data, done)
-            return
-
-        def refused(error: ControlError) -> None:
-            log.info("add %s refused: %s: %s", data.get("name"), error.code, error.message)
-            done(None, error)
-
-        # validation is proportional to the spec: on the parse thread, not the loop
-        self._off_loop(lambda: parse_device(data), _answering(done, self._add_spec, refused))
-
-    def _add_spec(self, spec: DeviceSpec, done: Done) -> None:
-        assert self._fleet is not None
-        fleet = self._fleet
-        if spec.name in fleet.devices:
-            raise ControlError("conflict", f"a device named {spec.name!r} exists already")
-        refusal = fleet.fds.check()
-        if refusal is not None:
-            raise ControlError("conflict", refusal)
-        # cross-device checks: linear in the binds, no re-validation of the other devices
-        for code, issues in (
-            ("conflict", config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})),
-            ("invalid_spec", drain_budget_issues(self.config.manager, {spec.name: spec})),
-        ):
-            if issues:
-                lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))
-                raise ControlError(code, "\n".join(lines))
-        dev = fleet.add_device(spec)
-
-        def started(_r: Any, error: ControlError | None) -> None:
-            if error is None:
-                # merged into the config as it is now: a reload may have run meanwhile
-                devices = {**self.config.devices, spec.name: spec}
-                self.config = self.config.model_copy(update={"devices": devices})
-                self._emit(
-                    "device.added", device=spec.name, kind=spec.kind, pid=dev.sup.pid, by="add"
-                )
-                done(fleet.status_of(dev), None)
-                return
-            log.info("add %s refused: %s: %s", spec.name, error.code, error.message)
-            fleet.remove(dev, lambda _r2, _e2: done(None, error))
-
-        fleet.start(dev, started)
-
-    def op_remove(self, name: str, done: Done) -> None:
-        assert self._fleet is not None
-        dev = self._devices([name])[0]
-
-        def removed(_r: Any, error: ControlError | None) -> None:
-            devices = {n: s for n, s in self.config.devices.items() if n != name}
-            self.config = self.config.model_copy(update={"devices": devices})
-            if error is None:
-                self._emit("device.removed", device=name, by="remove")
-            done(None, error)
-
-        self._fleet.remove(dev, removed)
-
-    def op_reload(
-        self, config: ManagerConfig | None, done: Done, *, expect_path: str | None = None
-    ) -> None:
-        """Apply a new config device by device: only what changed is touched.
-
-        `config` None re-reads the manager's own file; `expect_path` (a client's `-c`)
-        refuses that when the manager runs another file, rather than silently re-reading
-        its own.
-        """
-        self._notify.reloading()
-
-        def finished(diff: dict[str, Any], error: ControlError | None) -> None:
-            # the diff is applied even when a device's start failed: say so either way
-            self._notify.ready()
-            self._emit(
-                "manager.reloaded",
-                config=diff["config"],
-                added=diff["added"],
-                removed=diff["removed"],
-                changed=diff["changed"],
-                error=None if error is None else error.message,
-            )
-            done(None if error else diff, error)
-
-        def refused(exc: ControlError) -> None:
-            self._notify.ready()
-            log.info("reload refused: %s: %s", exc.code, exc.message)
-            done(None, exc)
-
-        try:
-            self._reload(config, finished, expect_path, refused)
-        except ControlError as exc:
-            self._notify.ready()
-            log.info("reload refused: %s: %s", exc.code, exc.message)
-            raise
-
-    def _reload(
-        self,
-        config: ManagerConfig | None,
-        done: Done,
-        expect_path: str | None,
-        refused: Callable[[ControlError], None],
-    ) -> None:
-        """Diff and apply; `done(diff, error)` gets the diff also when a start failed."""
-        if config is None:
-            if expect_path is not None and not _same_file(self.config.path, expect_path):
-                runs = (
-                    f"runs {self.config.path}"
-                    if self.config.path is not None
-                    else "runs the embedded default config"
-                )
-                raise ControlError(
-                    "conflict",
-                    f"this manager {runs}, not {expect_path}; it re-reads only its own file "
-                    f"(reload without -c, or start a manager with -c {expect_path} and a "
-                    "control endpoint of its own)",
-                )
-            path = self.config.path
-            if path is None:
-                raise ControlError(
-                    "invalid_spec", "the manager runs the embedded default config: no file"
-                )
-            # reading and validating the file costs ~1 ms per device: not on the loop
-            self._off_loop(lambda: load_config(path), _answering(done, self._apply, refused))
-            return
-        self._apply(config, done)
-
-    def _apply(self, config: ManagerConfig, done: Done) -> None:
-        assert self._fleet is not None
-        fleet = self._fleet
-        # What runs is the truth to diff against (an `add` may not be in self.config yet).
-        old, new = fleet.specs(), config.devices
-        added = [n for n in new if n not in old]
-        removed = [n for n in old if n not in new]
-        changed = [n for n in new if n in old and new[n] != old[n]]
-        unchanged = [n for n in new if n in old and new[n] == old[n]]
-        if config.manager != self.config.manager:
-            log.warning("reload: [manager] settings changed; they apply at the next start")
-        result = {
-            "config": str(config.path) if config.path is not None else None,
-            "added": added,
-            "removed": removed,
-            "changed": changed,
-            "unchanged": unchanged,
-        }
-        self.config = config.model_copy(update={"manager": self.config.manager})
-
-        to_add = changed + added
-        to_start: list[Device] = []
-        is_new = set(added)
-
-        def add_slice(begin: int) -> None:
-            # a slice per loop turn: 2,000 new devices in one turn held the loop ~0.4 s
-            end = begin + _APPLY_SLICE
-            for name in to_add[begin:end]:
-                if name in fleet.devices:  # an `add` or another reload took it meanwhile
-                    log.warning("reload: %s was added meanwhile; that one is kept", name)
-                    continue
-                dev = fleet.add_device(new[name])
-                if name in is_new:
-                    self._emit("device.added", device=name, kind=new[name].kind, by="reload")
-                if new[name].autostart:
-                    to_start.append(dev)
-            if end < len(to_add):
-                assert self._loop is not None
-                self._loop.call_later(0, lambda: add_slice(end))
-                return
-            finish = _gather(len(to_start), lambda _r, err: done(result, err), lambda: result)
-            for dev in to_start:
-                fleet.start(dev, finish)
-
-        def start_phase(_r: Any, _e: ControlError | None) -> None:
-            add_slice(0)
-
-        def stopped(name: str) -> Done:
-            def one(_r: Any, error: ControlError | None) -> None:
-                if name in removed:
-                    self._emit("device.removed", device=name, by="reload")
-                stop_all(None, error)
-
-            return one
-
-        # Stop what goes or changes first: a changed device may rebind the same endpoint.
-        to_stop = [fleet.devices[n] for n in removed + changed if n in fleet.devices]
-        stop_all = _gather(len(to_stop), start_phase, lambda: None)
-        for dev in to_stop:
-            fleet.remove(dev, stopped(dev.name))
-
-    def _stop_all(self, then: Done) -> None:
-        """Stop every device in parallel; call `then` once none runs."""
-        assert self._fleet is not None
-        devices = list(self._fleet.devices.values())
-        finish = _gather(len(devices), then, lambda: None)
-        for dev in devices:
-            self._fleet.stop(dev, finish)
-
-    def _op_stop_all(
-        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
-    ) -> None:
-        self._stop_all(lambda _r, _e: resolve(None))
-
-    def _op_kill_all(
-        self, resolve: Callable[[Any], None], reject: Callable[[BaseException], None]
-    ) -> None:
-        assert self._fleet is not None
-        self._fleet.kill_all(lambda _r, _e: resolve(None))
-
-    def op_shutdown(self, done: Done) -> None:
-        self._emit("manager.stopping")
-        self._stopping_emitted = True
-
-        def stopped(_r: Any, _e: ControlError | None) -> None:
-            done(None, None)
-            self._shutdown_requested.set()
-            if not self._in_run:  # embedded: nobody waits in run(), so stop from a thread
-                threading.Thread(target=self.stop, name="devmgr-shutdown", daemon=True).start()
-
-        self._stop_all(stopped)
-
-    # ---- in-process API -----------------------------------------------------------------
+    # ---- in-process API: the control commands' operations, from any thread --------------
 
     def status(self, names: list[str] | None = None) -> dict[str, Any]:
         """Return the same data as the control command `status`."""
-        return self._call_op(lambda done: done(self.status_dict(names), None))  # type: ignore[no-any-return]
+        return self._now(lambda ops: ops.status_dict(names))
 
     def start_device(self, name: str) -> dict[str, Any]:
-        return self._call_op(self.op_names, "start", [name])[0]  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.start([name]))[0]
 
     def stop_device(self, name: str) -> dict[str, Any]:
-        return self._call_op(self.op_names, "stop", [name])[0]  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.stop([name]))[0]
 
     def restart(self, name: str) -> dict[str, Any]:
-        return self._call_op(self.op_names, "restart", [name])[0]  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.restart([name]))[0]
 
     def pause(self, name: str) -> dict[str, Any]:
-        return self._call_op(self.op_device_command, "pause", name)  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.pause(name))
 
     def resume(self, name: str) -> dict[str, Any]:
-        return self._call_op(self.op_device_command, "resume", name)  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.resume(name))
 
     def stats(self, name: str) -> dict[str, int]:
-        return self._call_op(self.op_device_command, "stats", name)  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.stats(name))
 
     def logs(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]:
         """Return the same data as the control command `logs`: the device's stderr lines."""
-        return self._call_op(lambda done: done(self.logs_dict(name, lines, after), None))  # type: ignore[no-any-return]
+        return self._now(lambda ops: ops.logs_dict(name, lines, after))
 
     def add(self, spec: DeviceSpec | dict[str, Any]) -> dict[str, Any]:
-        return self._call_op(self.op_add, spec)  # type: ignore[no-any-return]
+        return self._run(lambda ops: ops.add(spec))
 
     def remove(self, name: str) -> None:
-        self._call_op(self.op_remove, name)
+        self._run(lambda ops: ops.remove(name))
 
     def reload(self, config: ManagerConfig | None = None) -> dict[str, Any]:
         """Apply `config` (default: re-read the config file) device by device.
@@ -912,17 +616,7 @@ class Manager:
         Returns the reload result: `config` (the file, None for a config given here) and
         the names `added`, `removed`, `changed` and `unchanged`.
         """
-        return self._call_op(self.op_reload, config)  # type: ignore[no-any-return]
-
-
-def _same_file(ours: Path | None, theirs: str) -> bool:
-    """Return True when a client's config path names the file this manager runs."""
-    if ours is None:
-        return False
-    try:
-        return os.path.samefile(ours, theirs)
-    except OSError:  # either one is gone or unreadable: compare the names
-        return os.path.realpath(ours) == os.path.realpath(theirs)
+        return self._run(lambda ops: ops.reload(config))
 
 
 # Event fields shown in the log line, in this order; lists are joined with commas.
@@ -950,30 +644,14 @@ def _log_warnings(settings: ManagerSettings) -> None:
         log.warning("%s: %s", place, message)
 
 
-def _answering(
-    done: Done,
-    then: Callable[[Any, Done], None],
-    refused: Callable[[ControlError], None] | None = None,
-) -> Callable[[Any, BaseException | None], None]:
-    """Return the loop-side callback of `_off_loop`: `then(result, done)`, or the refusal."""
-
-    def resume(result: Any, error: BaseException | None) -> None:
-        try:
-            if error is not None:
-                raise error
-            then(result, done)
-        except ConfigError as exc:
-            refusal = ControlError("invalid_spec", str(exc))
-        except ControlError as exc:
-            refusal = exc
-        except Exception as exc:  # a bug must cost one request, never the manager
-            log.exception("internal error after validation")
-            refusal = ControlError("internal", f"{type(exc).__name__}: {exc}")
-        else:
-            return
-        (refused or (lambda e: done(None, e)))(refusal)
-
-    return resume
+def _refusal(exc: Exception) -> ControlError:
+    """The error reply for what the parse thread raised."""
+    if isinstance(exc, ControlError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return ControlError("invalid_spec", str(exc))
+    log.error("internal error while validating", exc_info=exc)
+    return ControlError("internal", f"{type(exc).__name__}: {exc}")
 
 
 def _log_event(event: dict[str, Any]) -> None:
