@@ -61,6 +61,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 # A child that has neither reported READY nor failed by then is treated as hung.
 _READY_TIMEOUT = 10.0
+# Seconds an exit with the start-failure status may wait for the child's FAILED report.
+_REPORT_GRACE = 0.25
 # Device processes forked per loop turn: a start of 1,000 devices (or a restart storm)
 # forks in slices, so control requests, READY reports and health replies are served
 # between them instead of waiting for the last fork.
@@ -547,13 +549,20 @@ class Fleet:
         if dev.stderr is pipe:
             dev.stderr = None
 
-    def _on_exit(self, dev: Device, proc: Child) -> None:
+    def _on_exit(self, dev: Device, proc: Child, *, waited: bool = False) -> None:
         exitcode = proc.poll()
         if exitcode is None:
             return
         # The child's last words (a FAILED report) may still wait on the control socket
         # when the sentinel wins the race: read them first, and what it wrote to stderr.
         self._on_ctrl()
+        if exitcode == _child.EXIT_START_FAILED and dev.failure is None and not waited:
+            # ...or still be inside libzmq on the way here (the child flushes it before it
+            # exits, but our I/O thread may not have read it yet, under load): a conflict
+            # told apart from a bad spec is worth a moment's wait for it
+            self.loop.remove_reader(proc.sentinel)
+            self.loop.call_later(_REPORT_GRACE, lambda: self._on_exit(dev, proc, waited=True))
+            return
         self.loop.remove_reader(proc.sentinel)
         pid = proc.pid
         proc.close()
