@@ -50,10 +50,7 @@ def _control_of(config_path: str | os.PathLike[str]) -> tuple[str, bool]:
         raw = read_regular_file(path)  # never a FIFO or /dev/zero: that would hang
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from exc
-    try:
-        control: object = scan_manager_control(raw.decode())
-    except (_NeedsFullParse, UnicodeDecodeError):
-        control = _parse_manager_control(path, raw)
+    control = _parse_manager_control(path, raw)
     if control is None:
         from devmgr._paths import default_control_endpoint
 
@@ -67,6 +64,9 @@ def _control_of(config_path: str | os.PathLike[str]) -> tuple[str, bool]:
 
 
 def _parse_manager_control(path: Path, raw: bytes) -> object:
+    # tomllib costs `devmgr status -c FILE` ~4 ms of CPU (its import and the parse; a
+    # hand-written scan that was here saved that, 4-13 % of the command): not worth a
+    # second TOML reader. tests/bench/bench_config_scan.py measured the two.
     import tomllib
 
     try:
@@ -75,59 +75,6 @@ def _parse_manager_control(path: Path, raw: bytes) -> object:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     manager = data.get("manager")
     return manager.get("control") if isinstance(manager, dict) else None
-
-
-class _NeedsFullParse(Exception):
-    """The quick scan met TOML it does not handle; tomllib decides."""
-
-
-def scan_manager_control(text: str) -> str | None:
-    """Return `[manager] control` of a plainly written TOML file, without tomllib.
-
-    Importing tomllib costs `devmgr status -c FILE` about as much as the rest of the
-    client. This handles the usual shape of a config (bare table headers, one `key =
-    value` per line, a plain string for control) and raises _NeedsFullParse at the
-    first line it does not fully understand, so the answer is tomllib's or none. It
-    checks only what it needs: a file it accepts may still be invalid elsewhere.
-    """
-    import re
-
-    header = re.compile(r"\[\s*([A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_-]+)*)\s*\]\s*(?:#.*)?")
-    key_value = re.compile(r"([A-Za-z0-9_-]+)\s*=\s*(\S.*)")
-    plain_string = re.compile(
-        r"\"([^\"\\\x00-\x1f\x7f]*)\"\s*(?:#.*)?|'([^'\x00-\x1f\x7f]*)'\s*(?:#.*)?"
-    )
-    quoted = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
-    table, seen, control = "", set(), None
-    for raw_line in text.splitlines():
-        line = raw_line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            match = header.fullmatch(line)
-            if match is None:
-                raise _NeedsFullParse(line)
-            table = re.sub(r"\s+", "", match.group(1))
-            if table in seen:
-                raise _NeedsFullParse(line)
-            seen.add(table)
-            continue
-        match = key_value.fullmatch(line)
-        if match is None or '"""' in line or "'''" in line:
-            raise _NeedsFullParse(line)
-        key, value = match.groups()
-        if (table, key) == ("manager", "control"):
-            string = plain_string.fullmatch(value)
-            if string is None or control is not None:
-                raise _NeedsFullParse(line)
-            control = string.group(1) if string.group(1) is not None else string.group(2)
-        elif table == "" and key == "manager":
-            raise _NeedsFullParse(line)  # an inline table
-        else:
-            bare = quoted.sub("", value).split("#", 1)[0]
-            if bare.count("[") != bare.count("]") or bare.count("{") != bare.count("}"):
-                raise _NeedsFullParse(line)  # a value that goes on over more lines
-    return control
 
 
 def resolve_endpoint(endpoint: str | None = None, config: str | None = None) -> str:
