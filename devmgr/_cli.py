@@ -63,11 +63,85 @@ def _client_opts(p: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="seconds to wait for the reply; for start, stop, restart, reload, shutdown, add "
-        "and remove: for a sign of life while the operation runs, however long it takes "
-        "(default 5)",
+        "and remove: for a sign of life while the operation runs, however long it takes",
     )
     p.add_argument("--curve-client", metavar="CERT", help="client secret certificate file")
     p.add_argument("--curve-server", metavar="CERT", help="manager public certificate file")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with each option's default shown, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or "%(default)" in text
+            or "(default" in text
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbours as one edit (`stauts` -> `status`)."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, rows[-2][j - 2] + 1)
+            row.append(cost)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    """Return "; did you mean 'x'?" for the closest candidates (ties: all, up to three)."""
+    bare = word.lstrip("-")
+    scored = [(_distance(bare, c.lstrip("-")), c) for c in dict.fromkeys(candidates)]
+    scored = [(d, c) for d, c in scored if d <= max(1, min(2, len(bare) // 3))]
+    if not scored:
+        return ""
+    best = min(d for d, _ in scored)
+    close = [c for d, c in scored if d == best][:3]
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors suggest the closest command, choice or option."""
+
+    #: The subcommand being parsed (set by main), to suggest from its options.
+    command: str | None = None
+
+    def error(self, message: str) -> Any:
+        import re
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice is not None:
+            message += _did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2]))
+        elif message.startswith("unrecognized arguments: "):
+            options = self._known_options()
+            unknown = [w for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            for word in unknown:
+                hint = _did_you_mean(word.split("=", 1)[0], options)
+                if hint and len(unknown) > 1:
+                    hint = f"; {word}: {hint[2:]}"
+                message += hint
+        super().error(message)
+
+    def _known_options(self) -> list[str]:
+        parsers: list[argparse.ArgumentParser] = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and self.command in action.choices:
+                parsers.append(action.choices[self.command])
+        return [o for p in parsers for a in p._actions for o in a.option_strings]
 
 
 class _Skipped:
@@ -84,22 +158,29 @@ class _OnlySubparsers:
 
     def add_parser(self, name: str, **kwargs: Any) -> Any:
         if self._only is None or name == self._only:
+            # Every subcommand's --help has a description (its one-line help unless it
+            # brings a longer one) and shows the defaults.
+            help_text = str(kwargs.get("help") or "")
+            kwargs.setdefault("description", help_text[:1].upper() + help_text[1:] + ".")
+            kwargs.setdefault("formatter_class", _HelpFormatter)
             return self._sub.add_parser(name, **kwargs)
         return _Skipped()
 
 
 def _bench_opts(p: argparse.ArgumentParser) -> None:
     """Add the options of `devmgr bench` (throughput, and round trips with --latency)."""
-    p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes")
+    p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes in bytes")
     p.add_argument("--count", type=int, default=500_000, help="messages per run")
-    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
+    p.add_argument(
+        "--transport", choices=["ipc", "tcp"], default="ipc", help="between load and device"
+    )
     p.add_argument("--repeat", type=int, default=5, help="runs per contender (alternating)")
     p.add_argument(
         "--contenders",
         default="devmgr,zmq_proxy,pyzmq_monitored_queue",
         help="comma-separated list of contenders",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
         "--pin", action="store_true", help="pin the device to one CPU and the load to another"
     )
@@ -109,19 +190,15 @@ def _bench_opts(p: argparse.ArgumentParser) -> None:
         help="measure round-trip latency instead (one paced request in flight, ROUTER/DEALER "
         "device, echo worker; uses the first --size)",
     )
-    p.add_argument(
-        "--requests", type=int, default=5000, help="with --latency: requests per run (5000)"
-    )
-    p.add_argument(
-        "--rate", type=float, default=2000.0, help="with --latency: requests per second (2000)"
-    )
+    p.add_argument("--requests", type=int, default=5000, help="with --latency: requests per run")
+    p.add_argument("--rate", type=float, default=2000.0, help="with --latency: requests per second")
     p.add_argument(
         "--opposite-stream",
         type=int,
         default=200_000,
         metavar="MSGS_PER_S",
         help="with --latency: also run each contender with a stream of this many msg/s the "
-        "other way, in bursts of 1000 (200000; 0: off)",
+        "other way, in bursts of 1000 (0: off)",
     )
 
 
@@ -156,8 +233,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     Building all eighteen subparsers costs ~8 ms, a tenth of `devmgr status`; a run that
     names its subcommand only needs that one (help and errors still get the full tree).
     """
-    parser = argparse.ArgumentParser(
-        prog="devmgr", description="Supervise ZeroMQ devices (queues, forwarders, streamers)."
+    from devmgr._wire import EXIT_STATUSES
+
+    epilog = "exit statuses:\n" + "\n".join(f"  {c}  {m}" for c, m in EXIT_STATUSES.items())
+    parser = _Parser(
+        prog="devmgr",
+        description="Supervise ZeroMQ devices (queues, forwarders, streamers). "
+        "`devmgr COMMAND --help` describes each command and its options.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print devmgr's version")
     sub: Any = _OnlySubparsers(parser.add_subparsers(dest="command", metavar="COMMAND"), only)
@@ -167,19 +251,41 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         help="run the manager in the foreground, or start stopped devices on a running one",
     )
     _client_opts(p)
-    p.add_argument("names", nargs="*", metavar="NAME", help="devices to start (client mode)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="devices to start on the running manager; none: run the manager itself",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the manager's log level",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (for log collectors)",
+    )
 
-    p = sub.add_parser("status", help="table (or JSON) of the devices")
+    p = sub.add_parser(
+        "status",
+        help="table (or JSON) of the devices",
+        description="Table (or JSON) of the devices. Exits 0 when every autostart device "
+        "(with NAMEs: every named device) is running, 4 when one is not (stopped, starting, "
+        "paused, backoff, fatal...), as `systemctl is-active` tells a script; 1, 2 and 3 as "
+        "every command.",
+    )
     _client_opts(p)
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these devices (default: all)")
     p.add_argument("--json", action="store_true", help="print the status result as JSON")
 
     for name, what in (("restart", "restart devices"), ("stop", "stop devices")):
         p = sub.add_parser(name, help=what)
         _client_opts(p)
-        p.add_argument("names", nargs="*", metavar="NAME")
+        p.add_argument("names", nargs="*", metavar="NAME", help="the devices (or --all)")
         p.add_argument("--all", action="store_true", help="every device")
 
     for name, what in (
@@ -190,13 +296,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=what)
         _client_opts(p)
-        p.add_argument("name", metavar="NAME")
+        p.add_argument("name", metavar="NAME", help="the device")
         if name == "stats":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="print the counters as JSON")
 
     p = sub.add_parser("add", help="add the devices of FILE ([devices.NAME] tables)")
     _client_opts(p)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="a TOML file of [devices.NAME] tables")
 
     for name, what in (
         ("reload", "re-read the manager's config file and apply the difference"),
@@ -215,7 +321,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("tap", help="print what passes through a device's monitor socket")
     _client_opts(p)
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="a device with a monitor socket")
     p.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     p.add_argument(
         "--json",
@@ -251,7 +357,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _config_opt(p)
 
     p = sub.add_parser("keygen", help="write a CURVE certificate pair (as zmq.auth does)")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument(
+        "directory", metavar="DIR", help="folder for NAME.key and NAME.key_secret (0600)"
+    )
     p.add_argument("--name", default="devmgr", help="base name of the certificate files")
 
     p = sub.add_parser("bench", help="throughput of devmgr's loop beside libzmq's proxy")
@@ -265,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in _HANDLERS else None)
+    if isinstance(parser, _Parser):
+        parser.command = command
     args = parser.parse_args(argv)
     if args.version:
         from devmgr._version import __version__

@@ -417,7 +417,7 @@ def resolve_config(explicit: str | None) -> ManagerConfig:
 
 
 def validate_main(args: argparse.Namespace) -> int:
-    """Run `devmgr validate [-c FILE]`: print `ok: N devices` (0) or every problem (2)."""
+    """Run `devmgr validate [-c FILE]`: print `ok: N devices in FILE` (0) or every problem (2)."""
     try:
         config = resolve_config(getattr(args, "config", None))
     except ConfigError as exc:
@@ -426,5 +426,11 @@ def validate_main(args: argparse.Namespace) -> int:
         return 2
     for place, message in config.manager.warnings():
         print(f"warning: {place}: {message}", file=sys.stderr)
-    print(f"ok: {len(config.devices)} devices")
+    count = len(config.devices)
+    where = (
+        str(config.path)
+        if config.path is not None
+        else "the embedded default config (no -c FILE, $DEVMGR_CONFIG or ./devmgr.toml)"
+    )
+    print(f"ok: {count} device{'' if count == 1 else 's'} in {where}")
     return 0

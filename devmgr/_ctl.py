@@ -17,7 +17,13 @@ from typing import Any
 
 from devmgr._client import Client, connectable, curve_from_env, resolve_endpoint_source
 from devmgr._errors import ConfigError, ControlError, ManagerUnreachable
-from devmgr._wire import EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from devmgr._wire import (
+    EXIT_ERROR_REPLY,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
 _HINT = (
     "hint: a manager started with `devmgr start -c FILE` listens where FILE's [manager] "
@@ -153,6 +159,21 @@ def format_status_table(result: dict[str, Any], now: float | None = None) -> str
     return "\n".join(lines)
 
 
+def not_running(result: dict[str, Any], named: bool) -> list[dict[str, Any]]:
+    """Return the devices of a `status` result that should run but are not `running`.
+
+    Those are the autostart devices, or every device when the result is for named ones.
+    `paused` counts as not running: the process lives but forwards nothing.
+    """
+    return [
+        d
+        for d in result.get("devices", [])
+        if isinstance(d, dict)
+        and (named or d.get("autostart", True))
+        and d.get("state") != "running"
+    ]
+
+
 def status_main(args: argparse.Namespace) -> int:
     """`devmgr status [NAME...] [--json]`."""
 
@@ -162,6 +183,11 @@ def status_main(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2))
         else:
             print(format_status_table(result))
+        down = not_running(result, named=bool(args.names))
+        if down:
+            shown = ", ".join(f"{d.get('name')} ({d.get('state')})" for d in down)
+            print(f"not running: {shown}", file=sys.stderr)
+            return EXIT_NOT_RUNNING
         return EXIT_OK
 
     return _run(args, body)

@@ -151,6 +151,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR_REPLY: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
+EXIT_NOT_RUNNING: Final = 4
 
 #: Exit status -> what it means, in the words of `devmgr --help` and docs/cli.md.
 EXIT_STATUSES: Final[dict[int, str]] = {
@@ -159,4 +160,6 @@ EXIT_STATUSES: Final[dict[int, str]] = {
     EXIT_USAGE: "usage error or bad config: nothing was started or sent",
     EXIT_UNREACHABLE: "no manager answered: nothing listens at the endpoint, or no reply "
     "within --timeout",
+    EXIT_NOT_RUNNING: "`status` only: a device is not running (of every autostart device, "
+    "or of the named ones), as `systemctl is-active` says",
 }

@@ -277,3 +277,107 @@ def test_tap_json_gives_the_exact_frames(ipc_dir: Path) -> None:
     text = lines[False][0]
     assert text.startswith("in ") and " | '' | 0x2727 | 0x30786162 | 0x00fffe | grüße | " in text
     assert text.endswith("...(300 bytes)")
+
+
+# ---- 13.8: help that helps ------------------------------------------------------------
+
+
+def _subparsers() -> list[tuple[str, object]]:
+    import argparse
+
+    from devmgr._cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(subs.choices.items())
+
+
+def test_every_subcommand_and_option_has_a_help_text_and_shows_its_default() -> None:
+    import argparse
+
+    for name, sub in _subparsers():
+        assert isinstance(sub, argparse.ArgumentParser)
+        assert sub.description, f"devmgr {name} --help has no description"
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"devmgr {name}: {action.dest} has no help text"
+            default = action.default
+            if default not in (None, False, [], argparse.SUPPRESS):
+                shown = " ".join(map(str, default)) if isinstance(default, list) else default
+                assert f"default: {shown})" in text or "(default" in (action.help or ""), (
+                    name,
+                    action.dest,
+                )
+
+
+def test_bench_help_shows_count_runs_and_contenders() -> None:
+    done = subprocess.run(
+        [*devmgr_command(), "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "messages per run (default: 500000)" in text
+    assert "runs per contender (alternating) (default: 5)" in text
+    assert "(default: devmgr,zmq_proxy,pyzmq_monitored_queue)" in text
+    top = subprocess.run(
+        [*devmgr_command(), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert "exit statuses:" in top.stdout and "4  `status` only" in top.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["stauts"], "did you mean 'status'"),
+        (["restrat", "a"], "did you mean 'restart'?"),
+        (["ping", "--tiemout", "3"], "did you mean '--timeout'?"),
+        (["status", "--jsno"], "did you mean '--json'?"),
+        (["start", "--log-format", "jsn"], "did you mean 'json'?"),
+        (["tap", "q", "--cuont", "3"], "did you mean '--count'?"),
+    ],
+)
+def test_a_mistyped_command_or_option_gets_a_did_you_mean(
+    argv: list[str], suggestion: str, ipc_dir: Path
+) -> None:
+    done, _ = run(ipc_dir, *argv)
+    assert done.returncode == 2, done.stderr
+    assert suggestion in done.stderr, done.stderr
+
+
+def test_status_exit_status_tells_whether_every_autostart_device_runs(ipc_dir: Path) -> None:
+    """0: every autostart device (or every named one) is running; 4: one is not."""
+    import json
+
+    devices = {"a": streamer(ipc_dir, "a"), "b": streamer(ipc_dir, "b", autostart=False)}
+    config = write_config(ipc_dir / "devmgr.toml", devices)
+    with manager_process(config, private_env(ipc_dir)):
+        _pid(config, "a")
+
+        def status(*argv: str) -> tuple[int, str, str]:
+            done, _ = run(ipc_dir, "status", "-c", str(config), *argv)
+            return done.returncode, done.stdout, done.stderr
+
+        code, out, err = status()
+        assert code == 0, err  # b is not autostart: its being stopped is fine
+        assert status("b")[0] == 4  # named: it must run
+        assert "not running: b (stopped)" in status("b")[2]
+        assert run(ipc_dir, "stop", "a", "-c", str(config))[0].returncode == 0
+        code, out, err = status()
+        assert code == 4 and "not running: a (stopped)" in err
+        assert out.splitlines()[0].startswith("NAME")  # the table is printed all the same
+        code, out, err = status("--json")
+        assert code == 4 and json.loads(out)["devices"]  # stdout stays clean JSON
+        assert run(ipc_dir, "start", "a", "-c", str(config))[0].returncode == 0
+        _pid(config, "a")
+        assert status()[0] == 0
+        assert run(ipc_dir, "pause", "a", "-c", str(config))[0].returncode == 0
+        code, _, err = status("a")
+        assert code == 4 and "a (paused)" in err
+        assert run(ipc_dir, "resume", "a", "-c", str(config))[0].returncode == 0
+        assert status("a")[0] == 0

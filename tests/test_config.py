@@ -194,8 +194,9 @@ def run_validate(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
 
 
 def test_validate_command(tmp_path: Path) -> None:
-    ok = run_validate("-c", str(ROOT / "deploy" / "examples" / "queue.toml"))
-    assert (ok.returncode, ok.stdout) == (0, "ok: 2 devices\n"), ok.stderr
+    example = ROOT / "deploy" / "examples" / "queue.toml"
+    ok = run_validate("-c", str(example))
+    assert (ok.returncode, ok.stdout) == (0, f"ok: 2 devices in {example}\n"), ok.stderr
     broken = write(
         tmp_path / "broken.toml",
         '[devices.a]\nin = { type = "ROUTR", bind = ["tcp://127.0.0.1:5559"] }\n'
@@ -212,7 +213,10 @@ def test_validate_command(tmp_path: Path) -> None:
     ]
     assert "did you mean ROUTER?" in lines[0]
     # no -c: ./devmgr.toml, else the embedded default
-    assert run_validate(cwd=tmp_path).stdout == "ok: 1 devices\n"
+    assert run_validate(cwd=tmp_path).stdout == (
+        "ok: 1 device in the embedded default config (no -c FILE, $DEVMGR_CONFIG or "
+        "./devmgr.toml)\n"
+    )
     write(tmp_path / "devmgr.toml", broken.read_text())
     assert run_validate(cwd=tmp_path).returncode == 2
 
