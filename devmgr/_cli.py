@@ -227,6 +227,29 @@ def _logs_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _start_opts(p: argparse.ArgumentParser) -> None:
+    """Add the options of `devmgr start` (the manager, or client mode with names)."""
+    _client_opts(p)
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="devices to start on the running manager; none: run the manager itself",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the manager's log level",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (for log collectors)",
+    )
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Return the parser for every devmgr subcommand (docs/cli.md), or just for `only`.
 
@@ -250,25 +273,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "start",
         help="run the manager in the foreground, or start stopped devices on a running one",
     )
-    _client_opts(p)
-    p.add_argument(
-        "names",
-        nargs="*",
-        metavar="NAME",
-        help="devices to start on the running manager; none: run the manager itself",
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="the manager's log level",
-    )
-    p.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text lines, or one JSON object per line (for log collectors)",
-    )
+    _start_opts(p)
 
     p = sub.add_parser(
         "status",
