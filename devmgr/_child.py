@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import zmq
 
 from devmgr import _core
-from devmgr._paths import IpcPathTaken, safe_bind, unlink_if_ours
+from devmgr._paths import IpcPathTaken, bind_outside, safe_bind, unlink_if_ours
 from devmgr._proctitle import set_process_title
 
 # Exit status of a child whose sockets could not be set up (sysexits' EX_CONFIG).
@@ -52,6 +52,7 @@ class DevicePlan:
     drain_quiet: float = 0.1
     linger_ms: int = 1000
     kind: str = "monitored_queue"
+    ipc_bind_dirs: tuple[str, ...] | None = None  # [manager] ipc_bind_dirs, when set
 
 
 def _die_with_parent(expected_parent: int) -> None:
@@ -84,6 +85,7 @@ def _build(
     side: str,
     plan: SocketPlan,
     bound: list[tuple[str, tuple[int, int] | None]],
+    ipc_bind_dirs: tuple[str, ...] | None = None,
 ) -> zmq.Socket[bytes]:
     """Make one socket of the plan; the ipc files it binds are added to `bound`."""
     sock = ctx.socket(plan.zmq_type)
@@ -96,6 +98,11 @@ def _build(
             sock.setsockopt(zmq.SUBSCRIBE, b"")  # a SUB device input forwards everything
         for endpoint in plan.bind:
             where = f"{side}.bind {endpoint}"
+            file = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+            if ipc_bind_dirs is not None and file and not file.startswith(("@", "*")):
+                outside = bind_outside(file, ipc_bind_dirs)
+                if outside is not None:
+                    raise PermissionError(errno_mod.EACCES, outside)
             # libzmq would unlink whatever is at an ipc path: a file, another's socket
             ipc_file = safe_bind(sock, endpoint)
             if ipc_file is not None:
@@ -160,11 +167,15 @@ def main(plan: DevicePlan, ctrl_endpoint: str, ident: bytes, expected_parent: in
     status = 0
     try:
         try:
-            ins = _build(ctx, "in", plan.in_, bound)
+            ins = _build(ctx, "in", plan.in_, bound, plan.ipc_bind_dirs)
             sockets.append(ins)
-            outs = _build(ctx, "out", plan.out, bound)
+            outs = _build(ctx, "out", plan.out, bound, plan.ipc_bind_dirs)
             sockets.append(outs)
-            mons = _build(ctx, "mon", plan.mon, bound) if plan.mon is not None else None
+            mons = (
+                _build(ctx, "mon", plan.mon, bound, plan.ipc_bind_dirs)
+                if plan.mon is not None
+                else None
+            )
             if mons is not None:
                 sockets.append(mons)
         except _StartFailure as failure:

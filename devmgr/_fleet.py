@@ -78,7 +78,9 @@ def _socket_plan(spec: SocketSpec) -> _child.SocketPlan:
     )
 
 
-def device_plan(spec: DeviceSpec, stop_timeout: float) -> _child.DevicePlan:
+def device_plan(
+    spec: DeviceSpec, stop_timeout: float, ipc_bind_dirs: tuple[str, ...] | None = None
+) -> _child.DevicePlan:
     """Translate a validated spec into the plain values a child builds its sockets from."""
     # The drain and the linger of the child's sockets share the stop budget, so a device
     # asked to stop is gone before the manager's SIGKILL at stop_timeout. A longer quiet
@@ -98,6 +100,7 @@ def device_plan(spec: DeviceSpec, stop_timeout: float) -> _child.DevicePlan:
         drain_quiet=quiet,
         linger_ms=int(linger * 1000),
         kind=spec.kind,
+        ipc_bind_dirs=ipc_bind_dirs,
     )
 
 
@@ -161,8 +164,10 @@ class Fleet:
         *,
         health_interval: float,
         stop_timeout: float,
+        ipc_bind_dirs: tuple[Path, ...] | None = None,
     ) -> None:
         self.loop = loop
+        self.ipc_bind_dirs = None if ipc_bind_dirs is None else tuple(str(d) for d in ipc_bind_dirs)
         self.ctx = ctx
         self.rundir = rundir
         self.emit = emit
@@ -432,7 +437,7 @@ class Fleet:
         dev.failure = None
         dev.stats = dict(_ZERO_STATS)
         dev.stats_at = None
-        plan = device_plan(dev.spec, self.stop_timeout)
+        plan = device_plan(dev.spec, self.stop_timeout, self.ipc_bind_dirs)
         stderr_r, stderr_w = new_pipe()
         try:  # a zygote found dead is replaced on the way
             proc = ZYGOTE.spawn((plan, self._ctrl_endpoint, dev.ident), stderr_fd=stderr_w)

@@ -165,6 +165,7 @@ class Manager:
                 self._emit,
                 health_interval=settings.health_interval,
                 stop_timeout=settings.stop_timeout,
+                ipc_bind_dirs=settings.ipc_bind_dirs,
             )
             self._ops = LoopOperations(
                 self._fleet,

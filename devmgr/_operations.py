@@ -29,6 +29,7 @@ from devmgr._spec import (
     config_conflicts,
     drain_budget_issues,
     format_loc,
+    ipc_bind_issues,
     render_issue,
 )
 from devmgr._tasks import Pending, gather, settled, spawn
@@ -212,6 +213,7 @@ class LoopOperations:
         for code, issues in (
             ("conflict", config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})),
             ("invalid_spec", drain_budget_issues(self.config.manager, {spec.name: spec})),
+            ("invalid_spec", ipc_bind_issues(self.config.manager, {spec.name: spec})),
         ):
             if issues:
                 lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))

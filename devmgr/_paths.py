@@ -7,6 +7,7 @@ endpoint from here on every `devmgr status`, and each import is start-up time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -144,6 +145,29 @@ def make_dirs(path: str | os.PathLike[str], mode: int = 0o700) -> None:
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
+
+
+def path_within(path: str, folders: Iterable[str]) -> bool:
+    """Return True when `path` lies below one of `folders` (all absolute, compared as text)."""
+    path = os.path.normpath(path)
+    for given in folders:
+        folder = os.path.normpath(given)
+        if path != folder and os.path.commonpath([folder, path]) == folder:
+            return True
+    return False
+
+
+def bind_outside(path: str, folders: Iterable[str]) -> str | None:
+    """Say why binding `path` would leave `folders` once symlinks are resolved, else None.
+
+    Validation compares the configured text; a symlinked folder on the way could still
+    lead elsewhere, so the device checks the real folder right before it binds.
+    """
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    allowed = [os.path.realpath(f) for f in folders]
+    if path_within(real, allowed):
+        return None
+    return f"{path} is {real} once symlinks are resolved: outside manager.ipc_bind_dirs"
 
 
 def default_control_endpoint() -> str:

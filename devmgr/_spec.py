@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 import socket
 import sys
@@ -39,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from devmgr._paths import default_control_endpoint, default_events_endpoint
+from devmgr._paths import default_control_endpoint, default_events_endpoint, path_within
 
 # A sub-location inside the value being validated: ("type",), ("bind", 0), ("options", "x").
 Loc = tuple[str | int, ...]
@@ -1069,6 +1070,11 @@ class ManagerSettings(BaseModel):
     curve: CurveSpec | None = Field(
         default=None, description="CURVE keys; required to bind control on tcp"
     )
+    ipc_bind_dirs: tuple[Path, ...] | None = Field(
+        default=None,
+        description="when set, devices bind ipc endpoints only in these folders or below "
+        "(symlinks resolved when a device binds); relative to the config file's folder",
+    )
     insecure_tcp_control: StrictBool = Field(
         default=False,
         description="let a loopback tcp control run without CURVE: every local user can "
@@ -1102,6 +1108,17 @@ class ManagerSettings(BaseModel):
         if problem:
             raise _error(problem)
         return value
+
+    @field_validator("ipc_bind_dirs", mode="after")
+    @classmethod
+    def _bind_dirs(cls, value: tuple[Path, ...] | None, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        resolved = tuple(Path(os.path.normpath(_resolve_path(d, info))) for d in value)
+        relative = [str(d) for d in resolved if not d.is_absolute()]
+        if relative:
+            raise _error(f"folders must be absolute paths (or in a config file): {relative}")
+        return resolved
 
     @field_validator("metrics", mode="after")
     @classmethod
@@ -1211,6 +1228,27 @@ def drain_budget(stop_timeout: float) -> float:
     return stop_timeout * 0.5
 
 
+def ipc_bind_issues(manager: ManagerSettings, devices: Mapping[str, DeviceSpec]) -> list[Issue]:
+    """Device ipc binds outside manager.ipc_bind_dirs, when that is set."""
+    if manager.ipc_bind_dirs is None:
+        return []
+    allowed = [str(d) for d in manager.ipc_bind_dirs]
+    shown = ", ".join(allowed) or "(none)"
+    issues: list[Issue] = []
+    for key, spec in devices.items():
+        for loc, endpoint in spec._binds(("devices", key)):
+            if not endpoint.startswith("ipc://"):
+                continue
+            path = endpoint[len("ipc://") :]
+            if path.startswith("@"):
+                continue  # the abstract namespace: no file anywhere
+            if path == "*":
+                issues.append((loc, f"ipc://* binds in a folder libzmq picks, not in {shown}"))
+            elif not path_within(path, allowed):
+                issues.append((loc, f"{path} is outside manager.ipc_bind_dirs ({shown})"))
+    return issues
+
+
 def drain_budget_issues(manager: ManagerSettings, devices: Mapping[str, DeviceSpec]) -> list[Issue]:
     """A drain_quiet that a drain could not wait out before its stop_timeout ends it."""
     budget = drain_budget(manager.stop_timeout)
@@ -1263,6 +1301,7 @@ class ManagerConfig(BaseModel):
         ]
         issues.extend(config_conflicts(self.manager, self.devices))
         issues.extend(drain_budget_issues(self.manager, self.devices))
+        issues.extend(ipc_bind_issues(self.manager, self.devices))
         if issues:
             raise _fail(issues)
         return self

@@ -257,3 +257,51 @@ def test_use_fd_is_refused_by_add(ipc_dir: Path) -> None:
             manager.add(spec)
         assert info.value.code == "invalid_spec" and "use_fd" in info.value.message
         assert manager.status()["devices"] == []
+
+
+# ---- [manager] ipc_bind_dirs --------------------------------------------------------------
+
+
+def _restricted(ipc_dir: Path, devices: dict[str, Any]) -> devmgr.ManagerConfig:
+    (ipc_dir / "allowed").mkdir(exist_ok=True)
+    return make_config(ipc_dir, devices, ipc_bind_dirs=[str(ipc_dir / "allowed")])
+
+
+def test_ipc_bind_dirs_refuses_binds_elsewhere_at_validation(ipc_dir: Path) -> None:
+    inside = streamer(ipc_dir / "allowed", "ok")
+    outside = streamer(ipc_dir / "allowed", "bad")
+    outside["out"] = {"type": "PUSH", "bind": [f"ipc://{ipc_dir}/elsewhere"]}
+    wildcard = streamer(ipc_dir / "allowed", "wild")
+    wildcard["in"] = {"type": "PULL", "bind": ["ipc://*"]}
+    with pytest.raises(devmgr.ConfigError) as info:
+        _restricted(ipc_dir, {"ok": inside, "bad": outside, "wild": wildcard})
+    places = {p.where: p.message for p in info.value.problems}
+    assert set(places) == {"devices.bad.out.bind[0]", "devices.wild.in.bind[0]"}, places
+    assert "outside manager.ipc_bind_dirs" in places["devices.bad.out.bind[0]"]
+    _restricted(ipc_dir, {"ok": inside})  # binds inside, and connects anywhere, are fine
+
+
+def test_ipc_bind_dirs_refuses_an_add_elsewhere(ipc_dir: Path) -> None:
+    with devmgr.Manager(_restricted(ipc_dir, {})) as manager:
+        spec: dict[str, Any] = {"name": "x", **streamer(ipc_dir / "allowed", "x")}
+        spec["in"] = {"type": "PULL", "bind": [f"ipc://{ipc_dir}/x-in"]}
+        with pytest.raises(devmgr.ControlError) as info:
+            manager.add(spec)
+        assert info.value.code == "invalid_spec"
+        assert "devices.x.in.bind[0]" in info.value.message
+        assert not (ipc_dir / "x-in").exists()
+        good = {"name": "y", **streamer(ipc_dir / "allowed", "y")}
+        assert manager.add(good)["state"] == "running"
+
+
+def test_ipc_bind_dirs_is_checked_again_through_symlinks(ipc_dir: Path) -> None:
+    (ipc_dir / "allowed").mkdir()
+    (ipc_dir / "outside").mkdir()
+    (ipc_dir / "allowed" / "link").symlink_to(ipc_dir / "outside")
+    with devmgr.Manager(_restricted(ipc_dir, {})) as manager:
+        spec = {"name": "x", **streamer(ipc_dir / "allowed" / "link", "x")}
+        with pytest.raises(devmgr.ControlError) as info:
+            manager.add(spec)
+        assert info.value.code == "invalid_spec"
+        assert "outside manager.ipc_bind_dirs" in info.value.message
+    assert list((ipc_dir / "outside").iterdir()) == []
