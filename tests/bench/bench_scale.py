@@ -61,7 +61,7 @@ def _status_figures(tmp: Path, roundtrips: int) -> dict[str, object]:
             client.status("d0")
             one.append(time.perf_counter() - t)
     command = [str(Path(sys.executable).parent / "devmgr"), "status", "-e", endpoint]
-    subprocess.run(command, stdout=subprocess.DEVNULL, check=True, timeout=60)  # warm caches
+    subprocess.run(command, stdout=subprocess.DEVNULL, check=False, timeout=60)  # warm caches
     whole = []
     for _ in range(10):
         t = time.perf_counter()
