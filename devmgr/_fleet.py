@@ -63,10 +63,11 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _READY_TIMEOUT = 10.0
 # Seconds an exit with the start-failure status may wait for the child's FAILED report.
 _REPORT_GRACE = 0.25
-# Device processes forked per loop turn: a start of 1,000 devices (or a restart storm)
+# Device processes forked per loop turn (each fork is a round trip to the zygote of
+# ~1-5 ms): a start of 1,000 devices (or a restart storm)
 # forks in slices, so control requests, READY reports and health replies are served
 # between them instead of waiting for the last fork.
-_SPAWN_SLICE = 8
+_SPAWN_SLICE = 4
 
 
 def _socket_plan(spec: SocketSpec) -> _child.SocketPlan:
