@@ -39,6 +39,7 @@ if not _core_is_built():  # pragma: no cover - unbuilt checkout
     )
 
 if TYPE_CHECKING:
+    from devmgr._aclient import AsyncClient
     from devmgr._client import Client
     from devmgr._config import load_config
     from devmgr._devices import (
@@ -81,9 +82,11 @@ _LAZY: dict[str, str] = {
     "load_config": "devmgr._config",
     "Manager": "devmgr._manager",
     "Client": "devmgr._client",
+    "AsyncClient": "devmgr._aclient",
 }
 
 __all__ = [
+    "AsyncClient",
     "Client",
     "ConfigError",
     "ControlError",

@@ -20,6 +20,8 @@ from devmgr._wire import PROTOCOL_VERSION
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from devmgr._events import EventStream
+
 
 CurvePair = tuple["str | os.PathLike[str]", "str | os.PathLike[str]"]
 
@@ -231,6 +233,7 @@ class Client:
         # request's id by coincidence.
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._closed = False
+        self._streams: set[EventStream] = set()
         #: Called with a short text (e.g. "a stopping") while a long command is under
         #: way, each time the state of the devices it concerns changes; None: silent.
         self.on_progress: Callable[[str], None] | None = None
@@ -257,6 +260,8 @@ class Client:
     def close(self) -> None:
         """Close the connection; an unanswered request is dropped (linger 0)."""
         self._closed = True
+        for stream in list(getattr(self, "_streams", ())):
+            stream.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -402,13 +407,7 @@ class Client:
 
     def add(self, spec: Any) -> dict[str, Any]:
         """Add and start a device from a `DeviceSpec` or a dict with `name`; return its status."""
-        if hasattr(spec, "model_dump"):
-            data = spec.model_dump(mode="json", by_alias=True)
-        elif isinstance(spec, Mapping):
-            data = dict(spec)
-        else:
-            raise TypeError(f"add() takes a DeviceSpec or a dict, not {type(spec).__name__}")
-        return dict(self.request("add", {"spec": data}))
+        return dict(self.request("add", {"spec": _spec_data(spec)}))
 
     def remove(self, name: str) -> None:
         """Stop a device and forget it."""
@@ -428,6 +427,30 @@ class Client:
     def shutdown(self) -> None:
         """Stop every device, then the manager; return once the devices have stopped."""
         self.request("shutdown")
+
+    def events(
+        self, devices: list[str] | None = None, kinds: list[str] | None = None
+    ) -> EventStream:
+        """The manager's events as an iterator of event dicts (docs/events.md).
+
+        `for event in client.events(kinds=["device.exited"]): ...`. `devices` keeps the
+        events of those devices; `kinds` the topics (or topic prefixes such as
+        `device.`) to subscribe to. The stream ends when it or the client is closed.
+        """
+        from devmgr._events import EventStream
+
+        stream = EventStream(self, devices, kinds)
+        self._streams.add(stream)
+        return stream
+
+
+def _spec_data(spec: Any) -> dict[str, Any]:
+    """The `spec` argument of `add`: a DeviceSpec's JSON form, or a dict as it is."""
+    if hasattr(spec, "model_dump"):
+        return dict(spec.model_dump(mode="json", by_alias=True))
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    raise TypeError(f"add() takes a DeviceSpec or a dict, not {type(spec).__name__}")
 
 
 def _encode(request_id: int, cmd: str, args: Mapping[str, Any] | None) -> bytes:

@@ -20,6 +20,7 @@ def test_contract_names_present() -> None:
         "load_config",
         "Manager",
         "Client",
+        "AsyncClient",
         "DevmgrError",
         "ConfigError",
         "ControlError",
