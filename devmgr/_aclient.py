@@ -34,9 +34,11 @@ if TYPE_CHECKING:
     from devmgr._events import AsyncEventStream
 
 #: Requests in flight on one connection at most: short ones (and the status probes of
-#: long ones), long ones. The manager keeps at most CONTROL_SNDHWM (100) replies unread
-#: for one client and drops the rest; more calls than this wait for a slot.
-_SHORT_SLOTS, _LONG_SLOTS = 64, 32
+#: long ones), long ones. The manager's ROUTER drops a reply when CONTROL_SNDHWM (100)
+#: wait unread for one client, and libzmq reports reads back to the writer only every
+#: half of that (its low-water mark): 48 in flight never meet the limit. More calls
+#: than this wait for a slot.
+_SHORT_SLOTS, _LONG_SLOTS = 32, 16
 
 #: With no reply on the connection for this long, a request first checks (with a plain
 #: connection) that anything listens, so a manager that is gone is said at once.
