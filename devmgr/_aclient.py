@@ -23,6 +23,7 @@ from devmgr._client import (
     _names,
     _parse_reply,
     _spec_data,
+    connectable,
     resolve_endpoint,
 )
 from devmgr._errors import ControlError, DevmgrError, ManagerUnreachable
@@ -465,6 +466,11 @@ class AsyncClient:
         """
         from devmgr._events import AsyncEventStream
 
-        stream = AsyncEventStream(self, devices, kinds)
+        async def events_endpoint() -> str:
+            return connectable((await self.status())["manager"]["events"])
+
+        stream = AsyncEventStream(
+            events_endpoint, self._curve_keys, devices, kinds, self._streams.discard
+        )
         self._streams.add(stream)
         return stream

@@ -439,7 +439,13 @@ class Client:
         """
         from devmgr._events import EventStream
 
-        stream = EventStream(self, devices, kinds)
+        stream = EventStream(
+            lambda: connectable(self.status()["manager"]["events"]),
+            self._curve_keys,
+            devices,
+            kinds,
+            self._streams.discard,
+        )
         self._streams.add(stream)
         return stream
 

@@ -20,16 +20,14 @@ import asyncio
 import json
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-
-from devmgr._client import connectable
 
 if TYPE_CHECKING:
     import zmq
     import zmq.asyncio
 
-    from devmgr._aclient import AsyncClient
-    from devmgr._client import Client
+CurveKeys = tuple[bytes, bytes, bytes]
 
 
 def _check_filters(
@@ -75,7 +73,7 @@ def _decode(frames: list[bytes], names: frozenset[str] | None) -> dict[str, Any]
 
 
 def _subscribe(
-    sock: Any, curve_keys: tuple[bytes, bytes, bytes] | None, prefixes: list[bytes], endpoint: str
+    sock: Any, curve_keys: CurveKeys | None, prefixes: list[bytes], endpoint: str
 ) -> None:
     import zmq
 
@@ -98,16 +96,23 @@ class EventStream:
     of its client, from any thread) ends the iteration; so does leaving a `with` block.
     """
 
-    def __init__(self, client: Client, devices: list[str] | None, kinds: list[str] | None) -> None:
+    def __init__(
+        self,
+        endpoint: Callable[[], str],
+        curve_keys: CurveKeys | None,
+        devices: list[str] | None,
+        kinds: list[str] | None,
+        on_close: Callable[[EventStream], None],
+    ) -> None:
         import zmq
 
         self._names, prefixes = _check_filters(devices, kinds)
-        self._client = client
-        self.endpoint = connectable(client.status()["manager"]["events"])
+        self._on_close = on_close
+        self.endpoint = endpoint()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         try:
-            _subscribe(self._sock, client.curve_keys, prefixes, self.endpoint)
+            _subscribe(self._sock, curve_keys, prefixes, self.endpoint)
         except zmq.ZMQError:
             self._sock.close(linger=0)
             self._ctx.term()
@@ -152,7 +157,7 @@ class EventStream:
         if self._closing:
             return
         self._closing = True
-        self._client._streams.discard(self)
+        self._on_close(self)
         if self._lock.acquire(blocking=False):
             try:
                 self._release()
@@ -180,10 +185,17 @@ class AsyncEventStream:
     """
 
     def __init__(
-        self, client: AsyncClient, devices: list[str] | None, kinds: list[str] | None
+        self,
+        endpoint: Callable[[], Awaitable[str]],
+        curve_keys: CurveKeys | None,
+        devices: list[str] | None,
+        kinds: list[str] | None,
+        on_close: Callable[[AsyncEventStream], None],
     ) -> None:
         self._names, self._prefixes = _check_filters(devices, kinds)
-        self._client = client
+        self._find_endpoint = endpoint
+        self._curve_keys = curve_keys
+        self._on_close = on_close
         self.endpoint: str | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -204,14 +216,14 @@ class AsyncEventStream:
         import zmq
         import zmq.asyncio
 
-        status = await self._client.status()
+        endpoint = await self._find_endpoint()
         if self._closed:
             return
-        self.endpoint = connectable(status["manager"]["events"])
+        self.endpoint = endpoint
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         try:
-            _subscribe(self._sock, self._client.curve_keys, self._prefixes, self.endpoint)
+            _subscribe(self._sock, self._curve_keys, self._prefixes, self.endpoint)
         except zmq.ZMQError:
             self._release()
             raise
@@ -244,7 +256,7 @@ class AsyncEventStream:
         if self._closed:
             return
         self._closed = True
-        self._client._streams.discard(self)
+        self._on_close(self)
         if self._closing is not None and not self._closing.done():
             self._closing.set_result(None)
         if not self._waiting:
