@@ -1,10 +1,10 @@
 """The manager's control socket: parse requests, dispatch them, answer every one.
 
 A request is one UTF-8 JSON frame on a ROUTER socket (a REQ client's empty delimiter is
-kept and mirrored). Parsing goes through the pydantic models of devmgr._protocol and the
-COMMANDS table; nothing a client sends is ever executed or imported: `add` takes a
-device spec, which is data. Long operations answer when they finish, so a slow restart
-never holds up another client's `status`.
+kept and mirrored). Parsing and dispatch go through the command table (devmgr._commands)
+and the pydantic models of devmgr._protocol; nothing a client sends is ever executed or
+imported: `add` takes a device spec, which is data. Long operations answer when they
+finish, so a slow restart never holds up another client's `status`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import json
 import logging
 import math
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 from pydantic import BaseModel, ValidationError
 
+from devmgr._commands import COMMANDS, Operations
 from devmgr._errors import ControlError
-from devmgr._protocol import COMMANDS, RawJSON, Request
-from devmgr._tasks import Pending, spawn
+from devmgr._protocol import RawJSON, Request
+from devmgr._tasks import spawn
 from devmgr._wire import MAX_ERROR_CHARS, MAX_ID_BYTES, MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 log = logging.getLogger("devmgr")
@@ -32,26 +33,6 @@ _BURST = 256
 _LISTED_PROBLEMS = 20
 # More keys than this in a request or its args is refused whole, not key by key.
 _MAX_KEYS = 16
-
-
-class Operations(Protocol):
-    """What the control server needs: the manager's operations (devmgr._operations)."""
-
-    def version_dict(self) -> dict[str, Any]: ...
-    def status_json(self, names: list[str] | None = None) -> RawJSON: ...
-    def logs_dict(self, name: str, lines: int = 50, after: int | None = None) -> dict[str, Any]: ...
-    def start(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
-    def stop(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
-    def restart(self, names: list[str]) -> Coroutine[Pending[Any], None, Any]: ...
-    def pause(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
-    def resume(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
-    def stats(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
-    def add(self, data: dict[str, Any]) -> Coroutine[Pending[Any], None, Any]: ...
-    def remove(self, name: str) -> Coroutine[Pending[Any], None, Any]: ...
-    def reload(
-        self, config: None = None, *, expect_path: str | None = None
-    ) -> Coroutine[Pending[Any], None, Any]: ...
-    def shutdown(self) -> Coroutine[Pending[Any], None, Any]: ...
 
 
 def _describe(exc: ValidationError) -> str:
@@ -129,10 +110,11 @@ def _decode(raw: bytes) -> tuple[Any, str, BaseModel]:
         request = Request.model_validate(data)
     except ValidationError as exc:
         raise _Refusal(request_id, "bad_request", _describe(exc)) from None
-    args_model = COMMANDS.get(request.cmd)
-    if args_model is None:
+    command = COMMANDS.get(request.cmd)
+    if command is None:
         known = ", ".join(sorted(COMMANDS))
         raise _Refusal(request_id, "unknown_command", f"{request.cmd!r}; commands: {known}")
+    args_model = command.args
     if len(request.args) > _MAX_KEYS:
         takes = ", ".join(args_model.model_fields) or "none"
         message = f"args: {len(request.args)} keys; it takes {takes}"
@@ -150,24 +132,7 @@ class ControlServer:
         self.socket = sock
         #: Replies not sent because the client had CONTROL_SNDHWM replies unread.
         self.replies_dropped = 0
-        # command -> its handler: a result at once, or a coroutine that gives it later
-        self._handlers: dict[str, Callable[[Any], Any]] = {
-            "ping": lambda a: "pong",
-            "version": lambda a: ops.version_dict(),
-            "status": lambda a: ops.status_json(a.names),
-            "start": lambda a: ops.start(a.names),
-            "stop": lambda a: ops.stop(a.names),
-            "restart": lambda a: ops.restart(a.names),
-            "pause": lambda a: ops.pause(a.name),
-            "resume": lambda a: ops.resume(a.name),
-            "stats": lambda a: ops.stats(a.name),
-            "add": lambda a: ops.add(a.spec),
-            "remove": lambda a: ops.remove(a.name),
-            "reload": lambda a: ops.reload(None, expect_path=a.config),
-            "shutdown": lambda a: ops.shutdown(),
-            "logs": lambda a: ops.logs_dict(a.name, a.lines, a.after),
-        }
-        assert set(self._handlers) == set(COMMANDS), "every command needs a handler"
+        self.ops = ops
 
     def close(self) -> None:
         self.socket.close(linger=500)
@@ -206,7 +171,7 @@ class ControlServer:
             return
 
         try:
-            outcome = self._handlers[cmd](args)
+            outcome = COMMANDS[cmd].run(self.ops, args)
         except ControlError as exc:
             send(request_id, None, exc)
             return

@@ -124,12 +124,11 @@ def _config_section(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
 
 
 def _commands() -> str:
-    if set(_protocol.COMMAND_DOCS) != set(_protocol.COMMANDS):
-        missing = set(_protocol.COMMANDS) ^ set(_protocol.COMMAND_DOCS)
-        raise SystemExit(f"_protocol.COMMAND_DOCS and COMMANDS differ: {sorted(missing)}")
+    from devmgr._commands import COMMANDS
+
     rows = []
-    for name, model in _protocol.COMMANDS.items():
-        schema = model.model_json_schema(by_alias=True)
+    for name, command in COMMANDS.items():
+        schema = command.args.model_json_schema(by_alias=True)
         defs = schema.get("$defs", {})
         required = set(schema.get("required", ()))
         args = [
@@ -137,8 +136,7 @@ def _commands() -> str:
             f"{'' if key in required else ', optional'}): {sub.get('description', '')}"
             for key, sub in schema.get("properties", {}).items()
         ]
-        does, result = _protocol.COMMAND_DOCS[name]
-        rows.append((f"`{name}`", "; ".join(args) or "none", does, result))
+        rows.append((f"`{name}`", "; ".join(args) or "none", command.does, command.result))
     return _table(("cmd", "args", "what it does", "result"), rows)
 
 

@@ -2,8 +2,8 @@
 
 docs/protocol.md and docs/events.md describe them; their tables are generated from here.
 
-Requests are parsed through these models; one explicit table, COMMANDS, maps each command
-name to the model of its `args`. Replies and events are described here too (and generated
+Requests are parsed through these models; the command table (devmgr._commands) names the
+model of each command's `args`. Replies and events are described here too (and generated
 into schemas/); the manager builds them as plain dicts on its hot path and the tests check
 them against these models.
 """
@@ -99,60 +99,6 @@ class ReloadArgs(_Strict):
         "file refuses with `conflict` instead of re-reading its own",
     )
 
-
-COMMANDS: dict[str, type[_Strict]] = {
-    "ping": NoArgs,
-    "version": NoArgs,
-    "status": StatusArgs,
-    "start": NamesArgs,
-    "stop": NamesArgs,
-    "restart": NamesArgs,
-    "pause": NameArgs,
-    "resume": NameArgs,
-    "stats": NameArgs,
-    "add": AddArgs,
-    "remove": NameArgs,
-    "reload": ReloadArgs,
-    "shutdown": NoArgs,
-    "logs": LogsArgs,
-}
-
-# command -> (what it does, what its result is); docs/protocol.md is generated from these.
-COMMAND_DOCS: dict[str, tuple[str, str]] = {
-    "ping": ("check that the manager answers", '`"pong"`'),
-    "version": ("the manager's devmgr version and protocol version", "a version result"),
-    "status": ("the manager and its devices", "a status result"),
-    "start": (
-        "start stopped, backed-off or fatal devices; answers once each is running or has failed",
-        "the devices' status objects",
-    ),
-    "stop": (
-        "stop devices (drain, SIGTERM, SIGKILL at `stop_timeout`)",
-        "the devices' status objects",
-    ),
-    "restart": ("stop then start devices; clears `fatal`", "the devices' status objects"),
-    "pause": (
-        "stop reading the device's input; answers once the loop has paused",
-        "its status object",
-    ),
-    "resume": ("read the device's input again", "its status object"),
-    "stats": ("the device loop's 8 counters, fresh from the loop when it runs", "a stats result"),
-    "add": (
-        "validate, start and keep a new device; nothing is kept if its first start fails",
-        "its status object",
-    ),
-    "remove": ("stop a device and forget it", "null"),
-    "reload": (
-        "re-read the manager's config file and apply the difference device by device",
-        "a reload result",
-    ),
-    "shutdown": ("stop every device, then the manager (which then exits 0)", "null"),
-    "logs": (
-        "the lines the device's processes wrote to stderr, from the manager's buffer "
-        f"(the last {BUFFER_LINES} per device, across restarts)",
-        "a logs result",
-    ),
-}
 
 # ---- results -------------------------------------------------------------------------
 
@@ -415,5 +361,4 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "stats-result": Stats,
     "logs-result": LogsResult,
     "event": Event,
-    **{f"args-{name}": model for name, model in COMMANDS.items()},
 }

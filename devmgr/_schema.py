@@ -59,7 +59,9 @@ def _protocol_models() -> dict[str, type[BaseModel]]:
     except ModuleNotFoundError:
         return {}
     models: dict[str, type[BaseModel]] = getattr(protocol, "SCHEMA_MODELS", {})
-    return dict(models)
+    from devmgr._commands import ARGS_SCHEMA_MODELS
+
+    return {**models, **ARGS_SCHEMA_MODELS}
 
 
 def model_schema(stem: str, model: type[BaseModel]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def test_every_cli_subcommand_and_command_is_documented() -> None:
     for name, _help, _parser in _docs._subcommands():
         assert f"### `devmgr {name}`" in cli
     protocol = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
-    from devmgr._protocol import COMMANDS
+    from devmgr._commands import COMMANDS
 
     for command in COMMANDS:
         assert f"| `{command}` |" in protocol
