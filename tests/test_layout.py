@@ -125,3 +125,30 @@ def test_package_names_count_as_imports_of_the_package(tmp_path: Path) -> None:
     (pkg / "__init__.py").write_text("from devmgr._a import A\n")
     (pkg / "_a.py").write_text("class A:\n    def m(self):\n        from devmgr import A\n")
     assert find_cycles(import_graph(pkg)) == [["devmgr", "devmgr._a"]]
+
+
+def test_the_readme_layout_drawing_is_the_import_graph() -> None:
+    graph = import_graph()
+    layer_of: dict[str, int] = {}
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("```text\n_wire ")
+    drawing = text[start + len("```text\n") : text.index("```", start + 8)]
+    for number, line in enumerate(drawing.splitlines()):
+        for word in line.split():
+            if word.startswith("_") and word.isidentifier():
+                layer_of[f"devmgr.{word}"] = number
+            else:
+                break  # the rest of the line says what the layer is
+    extensions = {f"devmgr.{stub.stem}" for stub in PACKAGE.glob("*.pyi")}  # core/*.pyx
+    modules = set(graph) - {"devmgr"} | extensions
+    assert set(layer_of) == modules, (
+        f"drawn, no such module: {sorted(set(layer_of) - modules)}; "
+        f"not drawn: {sorted(modules - set(layer_of))}"
+    )
+    upward = [
+        f"{module} -> {dep}"
+        for module, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if module in layer_of and dep in layer_of and layer_of[dep] > layer_of[module]
+    ]
+    assert not upward, f"imports of a lower layer: {upward}"
