@@ -21,7 +21,7 @@ _HANDLERS: dict[str, str] = {
     "validate": "devmgr._config:validate_main",
     "bench": "devmgr._bench:main",
     "keygen": "devmgr._ctl:keygen_main",
-    "status": "devmgr._ctl:status_main",
+    "status": "devmgr._fleetview:status_main",
     "restart": "devmgr._ctl:names_main",
     "stop": "devmgr._ctl:names_main",
     "pause": "devmgr._ctl:name_main",
@@ -49,14 +49,25 @@ def _config_opt(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _client_opts(p: argparse.ArgumentParser) -> None:
+def _client_opts(p: argparse.ArgumentParser, several: bool = False) -> None:
     _config_opt(p)
-    p.add_argument(
-        "-e",
-        "--endpoint",
-        help="manager control endpoint (else that of -c's config, else $DEVMGR_ENDPOINT, "
-        "else that of the config found as for `start`)",
-    )
+    if several:
+        p.add_argument(
+            "-e",
+            "--endpoint",
+            action="append",
+            help="manager control endpoint; give it again (or EP1,EP2 here or in "
+            "$DEVMGR_ENDPOINT) for one table over several managers, asked at once "
+            "(else that of -c's config, else $DEVMGR_ENDPOINT, else that of the config "
+            "found as for `start`)",
+        )
+    else:
+        p.add_argument(
+            "-e",
+            "--endpoint",
+            help="manager control endpoint (else that of -c's config, else $DEVMGR_ENDPOINT, "
+            "else that of the config found as for `start`)",
+        )
     p.add_argument(
         "--timeout",
         type=float,
@@ -281,9 +292,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Table (or JSON) of the devices. Exits 0 when every autostart device "
         "(with NAMEs: every named device) is running, 4 when one is not (stopped, starting, "
         "paused, backoff, fatal...), as `systemctl is-active` tells a script; 1, 2 and 3 as "
-        "every command.",
+        "every command. With several managers (-e EP1 -e EP2...), one table with a MANAGER "
+        "column, a row for each manager that does not answer; 3 only when none answers.",
     )
-    _client_opts(p)
+    _client_opts(p, several=True)
     p.add_argument("names", nargs="*", metavar="NAME", help="only these devices (default: all)")
     p.add_argument("--json", action="store_true", help="print the status result as JSON")
 

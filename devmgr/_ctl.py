@@ -125,9 +125,8 @@ def format_last_exit(last_exit: dict[str, Any] | None, now: float) -> str:
 _COLUMNS = ("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "MSGS IN", "MSGS OUT", "CPU", "RSS")
 
 
-def format_status_table(result: dict[str, Any], now: float | None = None) -> str:
-    """Render the `status` result as an aligned table, one row per device."""
-    now = time.time() if now is None else now
+def status_rows(result: dict[str, Any], now: float) -> list[tuple[str, ...]]:
+    """The cells of the `status` table's rows, one row per device (`_COLUMNS`, LAST EXIT)."""
     rows: list[tuple[str, ...]] = []
     for dev in result.get("devices", []):
         cpu = dev.get("cpu_percent")
@@ -146,9 +145,12 @@ def format_status_table(result: dict[str, Any], now: float | None = None) -> str
                 + (f" ({dev['message']})" if dev.get("message") else ""),
             )
         )
-    header = (*_COLUMNS, "LAST EXIT")
+    return rows
+
+
+def render_table(header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> str:
+    """Align `rows` under `header`; the columns in `numeric` right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 4, 5, 6, 7, 8}  # right-aligned, as numbers read best
     lines = []
     for row in [header, *rows]:
         cells = [
@@ -157,6 +159,13 @@ def format_status_table(result: dict[str, Any], now: float | None = None) -> str
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def format_status_table(result: dict[str, Any], now: float | None = None) -> str:
+    """Render the `status` result as an aligned table, one row per device."""
+    now = time.time() if now is None else now
+    # numbers right-aligned, as they read best
+    return render_table((*_COLUMNS, "LAST EXIT"), status_rows(result, now), {2, 4, 5, 6, 7, 8})
 
 
 def not_running(result: dict[str, Any], named: bool) -> list[dict[str, Any]]:
