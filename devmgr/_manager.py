@@ -46,7 +46,7 @@ from devmgr._spec import (
     ManagerConfig,
     ManagerSettings,
 )
-from devmgr._tasks import Pending, gather, settled, spawn
+from devmgr._tasks import Pending, settled, spawn
 from devmgr._wire import CONTROL_SNDHWM
 
 log = logging.getLogger("devmgr")
@@ -206,7 +206,8 @@ class Manager:
                 control=settings.control,
                 events=settings.events,
             )
-            started = gather(self._fleet.start(dev) for dev in autostart)
+            assert self._ops is not None
+            started = self._ops.start_ordered(autostart)
             settled(started).add_done_callback(lambda _done: resolve(None))
 
         try:

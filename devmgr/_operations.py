@@ -31,6 +31,8 @@ from devmgr._spec import (
     format_loc,
     ipc_bind_issues,
     render_issue,
+    requirement_issues,
+    start_levels,
 )
 from devmgr._tasks import Pending, gather, settled, spawn
 from devmgr._version import __version__
@@ -136,15 +138,90 @@ class LoopOperations:
     # ---- operations that take time ---------------------------------------------------
 
     async def start(self, names: list[str]) -> list[dict[str, Any]]:
-        """Start the named devices ("*" = all) side by side; their status once settled."""
+        """Start the named devices ("*" = all) in dependency order; their status once settled.
+
+        Each one's requirements are started first (as `systemctl start` does): a
+        device starts once each device it `requires` is running; devices with no
+        order between them start side by side.
+        """
         devices = self.devices(names)
-        await gather(self.fleet.start(d) for d in devices)
+        await self.start_ordered(self._with_requirements(devices))
         return [self.fleet.status_of(d) for d in devices]
 
+    def _with_requirements(self, devices: list[Device]) -> list[Device]:
+        """`devices` and, before them, every device they require, transitively."""
+        known = self.fleet.devices
+        seen: dict[str, Device] = {}
+        todo = list(devices)
+        while todo:
+            dev = todo.pop()
+            if dev.name in seen:
+                continue
+            seen[dev.name] = dev
+            todo.extend(known[r] for r in dev.spec.requires if r in known and not known[r].removed)
+        extra = [n for n in seen if n not in {d.name for d in devices}]
+        if extra:
+            log.info("starting %s first: required", ", ".join(sorted(extra)))
+        return list(seen.values())
+
     async def stop(self, names: list[str]) -> list[dict[str, Any]]:
+        """Stop the named devices, each one's dependents (among them) before it."""
         devices = self.devices(names)
-        await gather(self.fleet.stop(d) for d in devices)
+        await self.stop_ordered(devices)
         return [self.fleet.status_of(d) for d in devices]
+
+    def start_ordered(self, devices: list[Device]) -> Pending[None]:
+        """Start `devices`, each once the ones it requires (among them) are running.
+
+        A device whose requirement failed is not started: it fails naming that one.
+        """
+        fleet = self.fleet
+        by_name = {d.name: d for d in devices}
+        specs = {d.name: d.spec for d in devices}
+        done: dict[str, Pending[None]] = {}
+
+        async def one(dev: Device) -> None:
+            for req in dict.fromkeys(dev.spec.requires):
+                if req in done:
+                    error = await settled_error(done[req])
+                    if error is not None:
+                        raise ControlError(
+                            error.code,
+                            f"{dev.name} not started: it requires {req}, which did not start",
+                        )
+            await fleet.start(dev)
+
+        for level in start_levels(specs):
+            for name in level:
+                done[name] = spawn(one(by_name[name]))
+        return gather(done.values())
+
+    def stop_ordered(
+        self, devices: list[Device], *, remove: Callable[[Device], Pending[None]] | None = None
+    ) -> Pending[None]:
+        """Stop (or `remove`) `devices`, each once its dependents among them are stopped.
+
+        A dependent's failure to stop does not hold back the device it requires.
+        """
+        act = remove if remove is not None else self.fleet.stop
+        by_name = {d.name: d for d in devices}
+        specs = {d.name: d.spec for d in devices}
+        dependents: dict[str, list[str]] = {n: [] for n in by_name}
+        for name, spec in specs.items():
+            for req in dict.fromkeys(spec.requires):
+                if req in dependents and req != name:
+                    dependents[req].append(name)
+        done: dict[str, Pending[None]] = {}
+
+        async def one(dev: Device) -> None:
+            for dependent in dependents[dev.name]:
+                await settled(done[dependent])
+            await act(dev)
+
+        for level in reversed(start_levels(specs)):
+            for name in level:
+                done[name] = spawn(one(by_name[name]))
+        return gather(done.values())
 
     async def restart(self, names: list[str]) -> list[dict[str, Any]]:
         devices = self.devices(names)
@@ -214,6 +291,7 @@ class LoopOperations:
             ("conflict", config_conflicts(self.config.manager, {**fleet.specs(), spec.name: spec})),
             ("invalid_spec", drain_budget_issues(self.config.manager, {spec.name: spec})),
             ("invalid_spec", ipc_bind_issues(self.config.manager, {spec.name: spec})),
+            ("invalid_spec", requirement_issues({spec.name: spec}, fleet.specs())),
         ):
             if issues:
                 lines = (f"{format_loc(loc)}: {msg}" for loc, msg in map(render_issue, issues))
@@ -278,8 +356,9 @@ class LoopOperations:
                     self.emit("device.removed", device=dev.name, by="reload")
 
         # Stop what goes or changes first: a changed device may rebind the same endpoint.
+        # Dependents before what they require (a reload that removes both).
         to_stop = [fleet.devices[n] for n in removed + changed if n in fleet.devices]
-        await settled(gather(spawn(drop(dev)) for dev in to_stop))
+        await settled(self.stop_ordered(to_stop, remove=lambda dev: spawn(drop(dev))))
         to_add = changed + added
         to_start = []
         for begin in range(0, len(to_add), _APPLY_SLICE):
@@ -296,7 +375,7 @@ class LoopOperations:
                     to_start.append(dev)
         error: ControlError | None = None
         try:
-            await gather(fleet.start(dev) for dev in to_start)
+            await self.start_ordered(to_start)
         except ControlError as exc:
             error = exc
         # the diff is applied even when a device's start failed: say so either way
@@ -340,8 +419,8 @@ class LoopOperations:
         return turn
 
     async def stop_all(self) -> None:
-        """Stop every device side by side; return once none runs."""
-        await settled(gather(self.fleet.stop(d) for d in list(self.fleet.devices.values())))
+        """Stop every device, dependents before what they require; return once none runs."""
+        await settled(self.stop_ordered(list(self.fleet.devices.values())))
 
     async def kill_all(self) -> None:
         await self.fleet.kill_all()
@@ -352,6 +431,12 @@ class LoopOperations:
         self.stopping_emitted = True
         await self.stop_all()
         self.on_shutdown()
+
+
+async def settled_error(pending: Pending[Any]) -> ControlError | None:
+    """Wait for `pending` either way; return its error (None when it succeeded)."""
+    await settled(pending)
+    return pending.error()
 
 
 def _same_file(ours: Path | None, theirs: str) -> bool:

@@ -77,6 +77,8 @@ DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_ENDPOINTS = 64
 #: Options set on one socket (libzmq has about 70).
 MAX_OPTIONS = 64
+#: Entries in one device's `requires` list.
+MAX_REQUIRES = 256
 
 
 # --------------------------------------------------------------------------- helpers
@@ -914,6 +916,13 @@ class DeviceSpec(BaseModel):
     autostart: StrictBool = Field(default=True, description="start with the manager")
     restart: RestartSpec = Field(default_factory=RestartSpec)
     health: HealthSpec = Field(default_factory=HealthSpec)
+    requires: tuple[Annotated[StrictStr, AfterValidator(_name)], ...] = Field(
+        default=(),
+        description=(
+            "devices this one requires: it starts only once each of them is running, "
+            "and stops before them"
+        ),
+    )
     drain_quiet: Seconds | None = Field(
         default=None,
         description=(
@@ -977,12 +986,38 @@ class DeviceSpec(BaseModel):
             raise _error(f"{_show(value)} cannot be encoded as UTF-8") from None
         return value
 
+    @field_validator("requires", mode="before")
+    @classmethod
+    def _few_requires(cls, value: object) -> object:
+        if isinstance(value, list | tuple) and len(value) > MAX_REQUIRES:
+            raise _error(f"{len(value)} requirements: at most {MAX_REQUIRES}")
+        return value
+
     @model_validator(mode="after")
     def _own_binds(self) -> DeviceSpec:
         issues = find_bind_conflicts(self._binds(()))
+        issues.extend(self._own_requires())
         if issues:
             raise _fail(issues)
         return self
+
+    def _own_requires(self) -> list[Issue]:
+        """A device requiring itself, and a requirement listed twice."""
+        issues: list[Issue] = []
+        seen: dict[str, int] = {}
+        for i, name in enumerate(self.requires):
+            if name == self.name:
+                issues.append((("requires", i), f"device {name!r} requires itself"))
+            elif name in seen:
+                issues.append(
+                    (
+                        ("requires", i),
+                        f"{name!r} is listed twice (also at {{ref}})",
+                        ("requires", seen[name]),
+                    )
+                )
+            seen.setdefault(name, i)
+        return issues
 
     def _binds(self, prefix: Loc) -> list[tuple[Loc, str]]:
         binds: list[tuple[Loc, str]] = []
@@ -1215,6 +1250,98 @@ def config_conflicts(
     return find_bind_conflicts(binds)
 
 
+def requirement_issues(
+    devices: Mapping[str, DeviceSpec], known: Iterable[str] | None = None
+) -> list[Issue]:
+    """Requirements naming an unknown device, and every cycle, named with its path.
+
+    `known` is the set of device names a requirement may name (default: `devices`).
+    A cycle is reported once, at the `requires` entry of its first device in name
+    order, as `a -> b -> c -> a`. Linear in devices + requirements (one DFS; each
+    back edge closes one cycle).
+    """
+    names = set(devices) if known is None else set(known) | set(devices)
+    issues: list[Issue] = []
+    for key, spec in devices.items():
+        for i, req in enumerate(spec.requires):
+            if req not in names and req != spec.name:
+                issues.append(
+                    (
+                        ("devices", key, "requires", i),
+                        f"requires {req!r}, but there is no device of that name"
+                        + did_you_mean(req, names),
+                    )
+                )
+    graph = {
+        key: [r for r in dict.fromkeys(spec.requires) if r in devices and r != key]
+        for key, spec in devices.items()
+    }
+    cycles: dict[tuple[str, ...], None] = {}
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path: list[str] = [root]
+        where: dict[str, int] = {root: 0}
+        state[root] = 1
+        stack = [iter(graph[root])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                done = path.pop()
+                del where[done]
+                state[done] = 2
+                continue
+            if state.get(nxt) == 1:  # a back edge: the path from nxt closes a cycle
+                cycle = path[where[nxt] :]
+                first = cycle.index(min(cycle))
+                cycles[tuple(cycle[first:] + cycle[:first])] = None
+            elif nxt not in state:
+                state[nxt] = 1
+                where[nxt] = len(path)
+                path.append(nxt)
+                stack.append(iter(graph[nxt]))
+    for found in cycles:
+        head, second = found[0], found[1 % len(found)]
+        index = devices[head].requires.index(second)
+        text = " -> ".join((*found, head))
+        issues.append((("devices", head, "requires", index), f"requirements form a cycle: {text}"))
+    return issues
+
+
+def start_levels(devices: Mapping[str, DeviceSpec]) -> list[list[str]]:
+    """Group the devices into start levels: each requires only devices of earlier levels.
+
+    Requirements outside `devices` are ignored (they are already there, or not asked
+    for); the graph must be acyclic (validation refuses cycles). Stopping goes through
+    the levels in reverse.
+    """
+    level: dict[str, int] = {}
+    for root in devices:
+        if root in level:
+            continue
+        stack = [(root, iter(devices[root].requires))]
+        onpath = {root}
+        while stack:
+            node, reqs = stack[-1]
+            req = next(reqs, None)
+            if req is None:
+                stack.pop()
+                onpath.discard(node)
+                level[node] = 1 + max(
+                    (level[r] for r in devices[node].requires if r in level and r in devices),
+                    default=-1,
+                )
+            elif req in devices and req not in level and req not in onpath:
+                onpath.add(req)
+                stack.append((req, iter(devices[req].requires)))
+    levels: list[list[str]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for name in devices:
+        levels[level[name]].append(name)
+    return levels
+
+
 #: The quiet period of a drain when a device does not set drain_quiet (seconds).
 DEFAULT_DRAIN_QUIET = 0.1
 
@@ -1302,6 +1429,7 @@ class ManagerConfig(BaseModel):
         issues.extend(config_conflicts(self.manager, self.devices))
         issues.extend(drain_budget_issues(self.manager, self.devices))
         issues.extend(ipc_bind_issues(self.manager, self.devices))
+        issues.extend(requirement_issues(self.devices))
         if issues:
             raise _fail(issues)
         return self
