@@ -296,7 +296,8 @@ def test_control_endpoint_of_the_example_configs() -> None:
 
     from devmgr._paths import default_control_endpoint
 
-    examples = sorted(Path(devmgr.__file__).parents[1].glob("deploy/examples/*.toml"))
+    # the checkout's examples (CI installs the package into site-packages)
+    examples = sorted(Path(__file__).resolve().parents[1].glob("deploy/examples/*.toml"))
     assert examples
     for path in examples:
         expected = tomllib.loads(path.read_text()).get("manager", {}).get("control")

@@ -19,11 +19,10 @@ import psutil
 import pytest
 import zmq
 
-import devmgr
-
 from conftest import wait_until
 
-PACKAGE = Path(devmgr.__file__).parent
+# the checkout's sources (CI installs the package into site-packages, without core/)
+PACKAGE = Path(__file__).resolve().parents[1] / "devmgr"
 CORE = PACKAGE.parent / "core"
 
 # multiprocessing's documented modules; every other one (forkserver, popen_*, spawn,
