@@ -178,6 +178,18 @@ class _OnlySubparsers:
         return _Skipped()
 
 
+def _names_opts(p: argparse.ArgumentParser, *, rolling: bool) -> None:
+    """Add NAME... and --all (and restart's --rolling)."""
+    p.add_argument("names", nargs="*", metavar="NAME", help="the devices (or --all)")
+    p.add_argument("--all", action="store_true", help="every device")
+    if rolling:
+        p.add_argument(
+            "--rolling",
+            action="store_true",
+            help="one at a time in dependency order, each once the previous runs again",
+        )
+
+
 def _bench_opts(p: argparse.ArgumentParser) -> None:
     """Add the options of `devmgr bench` (throughput, and round trips with --latency)."""
     p.add_argument("--size", type=int, nargs="+", default=[64, 1024], help="message sizes in bytes")
@@ -302,8 +314,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, what in (("restart", "restart devices"), ("stop", "stop devices")):
         p = sub.add_parser(name, help=what)
         _client_opts(p)
-        p.add_argument("names", nargs="*", metavar="NAME", help="the devices (or --all)")
-        p.add_argument("--all", action="store_true", help="every device")
+        _names_opts(p, rolling=name == "restart")
 
     for name, what in (
         ("pause", "stop reading a device's input"),

@@ -378,9 +378,16 @@ class Client:
         """Stop the named devices (`"*"` = all); return their status once stopped."""
         return list(self.request("stop", {"names": _names(names)}))
 
-    def restart(self, *names: str) -> list[dict[str, Any]]:
-        """Restart the named devices (`"*"` = all); return their status once running."""
-        return list(self.request("restart", {"names": _names(names)}))
+    def restart(self, *names: str, rolling: bool = False) -> list[dict[str, Any]]:
+        """Restart the named devices (`"*"` = all); return their status once running.
+
+        `rolling`: one at a time in dependency order, each once the previous is running
+        again; a ControlError names the first that did not come back.
+        """
+        args: dict[str, Any] = {"names": _names(names)}
+        if rolling:
+            args["rolling"] = True
+        return list(self.request("restart", args))
 
     def pause(self, name: str) -> dict[str, Any]:
         """Pause a device (its loop stops reading); return its status."""

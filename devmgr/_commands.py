@@ -26,6 +26,7 @@ from devmgr._protocol import (
     NoArgs,
     RawJSON,
     ReloadArgs,
+    RestartArgs,
     StatusArgs,
 )
 from devmgr._tasks import Pending
@@ -43,6 +44,7 @@ class Operations(Protocol):
     def start(self, names: list[str]) -> Later: ...
     def stop(self, names: list[str]) -> Later: ...
     def restart(self, names: list[str]) -> Later: ...
+    def rolling_restart(self, names: list[str]) -> Later: ...
     def pause(self, name: str) -> Later: ...
     def resume(self, name: str) -> Later: ...
     def stats(self, name: str) -> Later: ...
@@ -93,11 +95,12 @@ COMMANDS: dict[str, Command[Any]] = {
         lambda ops, a: ops.stop(a.names),
         long=True,
     ),
-    "restart": Command[NamesArgs](
-        NamesArgs,
-        "stop then start devices; clears `fatal`",
+    "restart": Command[RestartArgs](
+        RestartArgs,
+        "stop then start devices; clears `fatal`; `rolling`: one at a time in dependency "
+        "order, stopping at the first that does not come back",
         "the devices' status objects",
-        lambda ops, a: ops.restart(a.names),
+        lambda ops, a: ops.rolling_restart(a.names) if a.rolling else ops.restart(a.names),
         long=True,
     ),
     "pause": Command[NameArgs](

@@ -220,7 +220,11 @@ def names_main(args: argparse.Namespace) -> int:
 
     def body(client: Client) -> int:
         method = {"start": client.start, "stop": client.stop, "restart": client.restart}
-        for dev in method[args.command](*names):
+        if getattr(args, "rolling", False):
+            devices = client.restart(*names, rolling=True)
+        else:
+            devices = method[args.command](*names)
+        for dev in devices:
             pid = f" (pid {dev['pid']})" if dev.get("pid") is not None else ""
             print(f"{dev.get('name')}: {dev.get('state')}{pid}")
         return EXIT_OK

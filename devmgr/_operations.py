@@ -229,10 +229,27 @@ class LoopOperations:
         return [self.fleet.status_of(d) for d in devices]
 
     async def rolling_restart(self, names: list[str]) -> list[dict[str, Any]]:
-        """Restart the named devices one at a time, in order; stop at the first failure."""
-        devices = self.devices(names)
+        """Restart the named devices one at a time; stop at the first failure.
+
+        In dependency order (requirements first; otherwise in the order named), each
+        once the previous one is running again, so at most one is down at a time.
+        """
+        named = self.devices(names)
+        by_name = {d.name: d for d in named}
+        # the order of the whole graph, so that a requirement through a device not
+        # named still counts (named ones first: otherwise they keep their order)
+        levels = start_levels({**{d.name: d.spec for d in named}, **self.fleet.specs()})
+        devices = [by_name[n] for level in levels for n in level if n in by_name]
+        done: list[str] = []
         for dev in devices:
-            await self.fleet.restart(dev)
+            try:
+                await self.fleet.restart(dev)
+            except ControlError as exc:
+                before = f" (restarted before it: {', '.join(done)})" if done else ""
+                raise ControlError(
+                    exc.code, f"rolling restart stopped at {dev.name}{before}: {exc.message}"
+                ) from None
+            done.append(dev.name)
         return [self.fleet.status_of(d) for d in devices]
 
     async def pause(self, name: str) -> dict[str, Any]:

@@ -66,6 +66,14 @@ class NamesArgs(_Strict):
     )
 
 
+class RestartArgs(NamesArgs):
+    rolling: bool = Field(
+        default=False,
+        description="one device at a time, in dependency order, the next only once the "
+        "previous is running again; stops at the first that does not come back",
+    )
+
+
 class NameArgs(_Strict):
     name: str = Field(description="the device's name")
 

@@ -397,3 +397,69 @@ def test_a_failed_requirement_holds_its_dependents_back(ipc_dir: Path) -> None:
     finally:
         squatter.close()
         squatter_ctx.term()
+
+
+# ---------------------------------------------------------------- rolling restart
+
+
+def lifecycle(events: Recorder, mark: int) -> list[tuple[str, str]]:
+    with events.lock:
+        return [
+            (e["event"], e["device"])
+            for e in events.events[mark:]
+            if e["event"] in ("device.exited", "device.running")
+        ]
+
+
+def test_rolling_restart_one_at_a_time_in_dependency_order(ipc_dir: Path) -> None:
+    edges = {"app": ["broker"], "broker": ["db"], "db": [], "lone": []}
+    config = parse_config(manager_config(ipc_dir, graph(ipc_dir, edges)))
+    events = Recorder()
+    manager = devmgr.Manager(config)
+    manager.on_event = events
+    with manager:
+        before = {d["name"]: d["pid"] for d in manager.status()["devices"]}
+        with events.lock:
+            mark = len(events.events)
+        done = run_cli("restart", "--rolling", "--all", "-e", f"ipc://{ipc_dir}/control")
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == len(edges)  # one progress line per device
+        order = [line.split(":", 1)[0] for line in lines]
+        assert all(": running (pid " in line for line in lines), lines
+        assert_after(order, edges)
+        # each device is running again before the next one goes down
+        expected = [(t, n) for n in order for t in ("device.exited", "device.running")]
+        assert lifecycle(events, mark) == expected
+        after = {d["name"]: d["pid"] for d in manager.status()["devices"]}
+        assert all(after[n] != before[n] for n in edges)
+        # the Client form, by name
+        with devmgr.Client(f"ipc://{ipc_dir}/control") as client:
+            result = client.restart("app", "db", rolling=True)
+        assert [d["name"] for d in result] == ["db", "app"]
+
+
+def test_rolling_restart_stops_at_the_first_failure(ipc_dir: Path) -> None:
+    edges = {"a": [], "x": ["a"], "z": ["x"]}
+    devices = graph(ipc_dir, edges)
+    devices["x"]["restart"] = {"policy": "never"}
+    config = parse_config(manager_config(ipc_dir, devices))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    squatter = ctx.socket(zmq.PULL)
+    squatter.setsockopt(zmq.LINGER, 0)
+    try:
+        with devmgr.Manager(config) as manager:
+            before = {d["name"]: d["pid"] for d in manager.status()["devices"]}
+            # take x's endpoint from under it: its restart cannot bind again
+            (ipc_dir / "x-in").unlink()
+            squatter.bind(f"ipc://{ipc_dir}/x-in")
+            done = run_cli("restart", "--rolling", "--all", "-e", f"ipc://{ipc_dir}/control")
+            assert done.returncode == 1, (done.stdout, done.stderr)
+            assert "rolling restart stopped at x (restarted before it: a)" in done.stderr
+            after = {d["name"]: d for d in manager.status()["devices"]}
+            assert after["a"]["pid"] != before["a"] and after["a"]["state"] == "running"
+            assert after["x"]["state"] != "running"
+            assert after["z"]["pid"] == before["z"]  # never touched
+    finally:
+        squatter.close()
+        ctx.term()
