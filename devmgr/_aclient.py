@@ -414,9 +414,15 @@ class AsyncClient:
         """Stop the named devices (`"*"` = all); return their status once stopped."""
         return list(await self.request("stop", {"names": _names(names)}))
 
-    async def restart(self, *names: str) -> list[dict[str, Any]]:
-        """Restart the named devices (`"*"` = all); return their status once running."""
-        return list(await self.request("restart", {"names": _names(names)}))
+    async def restart(self, *names: str, rolling: bool = False) -> list[dict[str, Any]]:
+        """Restart the named devices (`"*"` = all); return their status once running.
+
+        `rolling`: one at a time in dependency order (as `Client.restart`).
+        """
+        args: dict[str, Any] = {"names": _names(names)}
+        if rolling:
+            args["rolling"] = True
+        return list(await self.request("restart", args))
 
     async def pause(self, name: str) -> dict[str, Any]:
         """Pause a device (its loop stops reading); return its status."""
