@@ -242,8 +242,12 @@ class Fleet:
         before = dev.last_op
 
         async def in_turn() -> T:
-            if before is not None:
+            if before is not None and not before.done():
                 await settled(before)
+                # Start in a loop turn of its own: a queue of operations that are over at
+                # once would otherwise run as one ever deeper call stack, each finishing
+                # operation starting the next (a few hundred were a RecursionError).
+                await self._fresh_turn()
             if dev.removed and not when_removed:
                 raise ControlError("unknown_device", f"{dev.name} was removed")
             return await op()
@@ -251,6 +255,12 @@ class Fleet:
         outcome = spawn(in_turn())
         dev.last_op = outcome
         return outcome
+
+    def _fresh_turn(self) -> Pending[None]:
+        """Resolve at the start of the loop's next turn, with an empty call stack."""
+        turn: Pending[None] = Pending()
+        self.loop.call_soon_threadsafe(lambda: turn.set_result(None))
+        return turn
 
     def until(self, dev: Device, pred: Callable[[Device], bool]) -> Pending[None]:
         """Resolve once `pred(dev)` holds (checked after each state change)."""

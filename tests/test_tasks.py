@@ -131,3 +131,53 @@ def test_rolling_restart_restarts_one_device_at_a_time(ipc_dir: Path) -> None:
         ]
         with pytest.raises(ControlError, match="no device named 'x'"):
             manager._run(lambda ops: ops.rolling_restart(["a", "x"]))
+
+
+def test_a_long_queue_of_quick_operations_does_not_recurse(tmp_path: Path) -> None:
+    """Thousands of operations queued behind a slow one, each over at once, all answer.
+
+    Each finished operation starting the next one in the same call stack made a queue
+    of a few hundred (`pause` requests of a device that is stopping) a RecursionError
+    that left the rest unanswered and the device's queue stuck for good.
+    """
+    import zmq
+
+    from devmgr._config import parse_device
+    from devmgr._fleet import Fleet
+    from devmgr._loop import EventLoop
+
+    loop = EventLoop()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        fleet = Fleet(
+            loop, ctx, tmp_path, lambda *a, **k: None, health_interval=1.0, stop_timeout=1.0
+        )
+        spec = parse_device(
+            {
+                "name": "d",
+                "kind": "streamer",
+                "in": {"type": "PULL", "bind": [f"ipc://{tmp_path}/in"]},
+                "out": {"type": "PUSH", "bind": [f"ipc://{tmp_path}/out"]},
+            }
+        )
+        dev = fleet.add_device(spec)
+        slow: Pending[None] = Pending()
+
+        async def wait_for_slow() -> None:
+            await slow
+
+        async def refused() -> None:
+            raise ControlError("conflict", "not running")
+
+        fleet.serialised(dev, wait_for_slow)
+        queued = [fleet.serialised(dev, refused) for _ in range(3000)]
+        queued[-1].add_done_callback(lambda _p: loop.stop())
+        loop.call_later(0, lambda: slow.set_result(None))
+        loop.call_later(20.0, loop.stop)  # a bound, should the queue stall
+        loop.run()
+        answered = [p for p in queued if p.done()]
+        assert len(answered) == len(queued)
+        assert all(p.error() is not None and p.error().code == "conflict" for p in queued)
+    finally:
+        loop.close()
+        ctx.destroy(linger=0)
