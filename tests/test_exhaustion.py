@@ -75,6 +75,13 @@ def _closed_by_server(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
+def _has_pending_data(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
 def _request_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "devmgr-metrics-request")
 
@@ -159,6 +166,14 @@ def test_metrics_never_reading_client_is_cut(small_server: tuple[MetricsServer, 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n" * 200)
             socks.append(sock)
+        # every connection accepted and answered first (looking for no request thread at
+        # once raced their accept: the slots were taken after the check)...
+        wait_until(
+            lambda: all(_has_pending_data(s) for s in socks),
+            timeout=10,
+            what="an answer waiting on every connection",
+        )
+        # ...then the slots given back, at the deadline at the latest
         wait_until(lambda: _request_threads() == 0, timeout=10, what="the slots to free")
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, b"ok\n")
     finally:
