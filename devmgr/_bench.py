@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from devmgr._benchproc import _describe, _end, _recv_within
+from devmgr._benchproc import _describe, _end, _recv_within, machine_facts
 
 CONTENDERS = ("devmgr", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy"
@@ -391,7 +390,6 @@ def run_bench(
                             file=progress,
                             flush=True,
                         )
-    import zmq
 
     results = []
     for size in sizes:
@@ -412,11 +410,7 @@ def run_bench(
             "pinned": pin and len(os.sched_getaffinity(0)) > 1,
             "topology": "PUSH -> device(PULL in, PUSH out, PUB monitor) -> PULL; SUB on monitor",
             "timing": TIMING_NOTE,
-            "cpus": os.cpu_count(),
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "pyzmq": zmq.pyzmq_version(),
-            "libzmq": zmq.zmq_version(),
+            **machine_facts(),
         },
         "results": results,
     }

@@ -6,9 +6,24 @@ Both harnesses import these from here, so neither imports the other's module to 
 from __future__ import annotations
 
 import multiprocessing.connection
+import os
+import platform
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
+
+
+def machine_facts() -> dict[str, Any]:
+    """The facts every benchmark report carries about the machine and the libraries."""
+    import zmq
+
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+    }
 
 
 def _describe(exc: BaseException) -> str:

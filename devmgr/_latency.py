@@ -32,8 +32,6 @@ import importlib
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -41,7 +39,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from devmgr._benchproc import _describe, _end, _recv_within
+from devmgr._benchproc import _describe, _end, _recv_within, machine_facts
 
 CONTENDERS = ("no_device", "devmgr", "zmq_proxy_capture", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy_capture"
@@ -322,7 +320,6 @@ def run_latency(
                                 file=progress,
                                 flush=True,
                             )
-    import zmq
 
     results = []
     for transport in transports:
@@ -357,11 +354,7 @@ def run_latency(
             "opposite_stream_burst": _BURST,
             "topology": "DEALER -> device(ROUTER in, DEALER out[, PUB monitor]) -> DEALER "
             "echo; one request in flight, paced",
-            "cpus": os.cpu_count(),
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "pyzmq": zmq.pyzmq_version(),
-            "libzmq": zmq.zmq_version(),
+            **machine_facts(),
         },
         "results": results,
     }
