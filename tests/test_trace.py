@@ -92,16 +92,19 @@ class Subscriber:
             if event["event"] == topic and (device is None or event.get("device") == device):
                 return seen
 
-    def sync(self, client: Client, device: str) -> None:
-        """Return once the subscription is live: pause and resume `device` until seen."""
+    def sync(self, client: Client, device: str) -> int:
+        """Pause and resume `device` until seen (the subscription is live); return how
+        many times it took (each pause is logged)."""
         deadline = time.monotonic() + 10
+        rounds = 0
         while True:
             assert time.monotonic() < deadline, "the subscription never reached the manager"
             client.pause(device)
             client.resume(device)
+            rounds += 1
             if self.sock.poll(100):
                 self.until("device.resumed", device)
-                return
+                return rounds
 
 
 def cli(ipc_dir: Path, *argv: str, env: dict[str, str] | None = None) -> Any:
@@ -132,7 +135,8 @@ def test_operations_publish_events_and_log_lines(ipc_dir: Path) -> None:
                 timeout=20,
                 what="both devices running",
             )
-            sub.sync(client, "a")  # from here on, every event is this test's doing
+            # from here on, every event is the doing of this test
+            sync_rounds = sub.sync(client, "a")
 
             done = cli(ipc_dir, "pause", "a", *ctl)
             assert done.returncode == 0, done.stderr
@@ -233,7 +237,8 @@ def test_operations_publish_events_and_log_lines(ipc_dir: Path) -> None:
         f"INFO manager.reloaded config={config} added=- removed=- changed=-",
     ):
         assert any(needle in line for line in lines), (needle, lines)
-    assert len([line for line in lines if "device.paused" in line]) == 1 + 1  # sync + test
+    paused_lines = [line for line in lines if "device.paused" in line]
+    assert len(paused_lines) == sync_rounds + 1, paused_lines  # the sync's, then the test's
 
 
 def test_reload_of_another_file_says_so(ipc_dir: Path) -> None:
