@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from devmgr._benchproc import _describe, _end, _recv_within, machine_facts
+from devmgr._benchproc import _describe, _end, _endpoints, _recv_within, machine_facts
 
 CONTENDERS = ("devmgr", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy"
@@ -246,13 +246,6 @@ def _load_main(
 
 
 # --- the parent: one run, then many -------------------------------------------------------
-
-
-def _endpoints(transport: str, folder: str, run: int) -> dict[str, str]:
-    if transport == "tcp":
-        # the device binds a random port and reports it, so no port is raced for
-        return {side: "tcp://127.0.0.1:*" for side in ("in", "out", "mon")}
-    return {side: f"ipc://{folder}/{run}-{side}" for side in ("in", "out", "mon")}
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -26,6 +26,14 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def _endpoints(transport: str, folder: str, run: int) -> dict[str, str]:
+    """The device's in, out and mon endpoints for one run (tcp: ports the device picks)."""
+    if transport == "tcp":
+        # the device binds a random port and reports it, so no port is raced for
+        return {side: "tcp://127.0.0.1:*" for side in ("in", "out", "mon")}
+    return {side: f"ipc://{folder}/{run}-{side}" for side in ("in", "out", "mon")}
+
+
 def _describe(exc: BaseException) -> str:
     """Return "Type: message" (or just the type when the message is empty)."""
     text = str(exc)

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from devmgr._benchproc import _describe, _end, _recv_within, machine_facts
+from devmgr._benchproc import _describe, _end, _endpoints, _recv_within, machine_facts
 
 CONTENDERS = ("no_device", "devmgr", "zmq_proxy_capture", "zmq_proxy", "pyzmq_monitored_queue")
 BASELINE = "zmq_proxy_capture"
@@ -181,12 +181,6 @@ def _client_main(
         conn.send(("error", _describe(exc)))
     finally:
         ctx.destroy(linger=0)
-
-
-def _endpoints(transport: str, folder: str, run: int) -> dict[str, str]:
-    if transport == "tcp":
-        return {side: "tcp://127.0.0.1:*" for side in ("in", "out", "mon")}
-    return {side: f"ipc://{folder}/{run}-{side}" for side in ("in", "out", "mon")}
 
 
 def run_once(
